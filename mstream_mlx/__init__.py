@@ -1,0 +1,17 @@
+# Copyright © 2026 mstream-mlx contributors.
+"""mstream-mlx: multi-stream LLMs (Su, Yang, Li, Geiping 2026) on MLX."""
+
+from .cache import load_prompt_cache, save_prompt_cache
+from .streams import (
+    Block,
+    ChatTokens,
+    Flat,
+    StreamSpec,
+    blocks_to_flat,
+    chat_blocks,
+    rows_to_flat,
+    stream_mask,
+)
+from .utils import load
+
+__version__ = "0.1.0"

@@ -1,0 +1,132 @@
+# Copyright © 2026 mstream-mlx contributors.
+"""Multi-stream KV cache: mlx-lm's ``KVCache`` plus the timestep ``y`` of every key.
+
+A decode step appends any number of tokens (one per active stream).  The mask of the
+new tokens against the cache comes from the stored ``y`` (the rule in
+``streams.stream_mask``), so tokens may enter the cache in any order.
+"""
+
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_unflatten
+from mlx_lm.models import cache as lm_cache
+
+from .streams import peer_mask, stream_mask
+
+
+class StreamKVCache(lm_cache.KVCache):
+    """``KVCache`` that also stores each key's timestep.
+
+    The model calls :meth:`push_positions` once per forward (before the layers run
+    ``update_and_fetch``), so ``ys[:, :offset]`` always lines up with the keys.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.ys = None
+        self.max_y: Optional[np.ndarray] = None  # host copy, per batch row
+
+    def push_positions(self, positions: mx.array):
+        B, L = positions.shape
+        prev = self.offset
+        if self.ys is None or prev + L > self.ys.shape[1]:
+            n = ((prev + L + self.step - 1) // self.step) * self.step
+            grown = mx.zeros((B, n), dtype=mx.int32)
+            if self.ys is not None:
+                grown[:, :prev] = self.ys[:, :prev]
+            self.ys = grown
+        self.ys[:, prev : prev + L] = positions.astype(mx.int32)
+        top = np.array(positions).max(axis=1)
+        self.max_y = top if self.max_y is None or prev == 0 else np.maximum(self.max_y, top)
+
+    def key_ys(self) -> mx.array:
+        return self.ys[:, : self.offset]
+
+    @property
+    def state(self):
+        return self.keys, self.values, self.ys, self.offset
+
+    @state.setter
+    def state(self, v):
+        self.keys, self.values, self.ys, self.offset = v
+        self._refresh_max_y()
+
+    def _refresh_max_y(self):
+        if self.ys is None or self.offset == 0:
+            self.max_y = None
+        else:
+            self.max_y = np.array(self.ys[:, : self.offset]).max(axis=1)
+
+    def trim(self, n: int) -> int:
+        n = super().trim(n)
+        self._refresh_max_y()
+        return n
+
+    def to_quantized(self, group_size: int = 64, bits: int = 4):
+        raise NotImplementedError(
+            "Quantized KV caches are not supported for multi-stream models yet."
+        )
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else super().nbytes + self.ys.nbytes
+
+
+def make_mask(positions: mx.array, cache: Optional[StreamKVCache]) -> mx.array:
+    """The boolean mask ``[B, 1, L, offset+L]`` for new tokens at ``positions``.
+
+    Fast path: when every cached key is older than every new token (the usual decode
+    step), the cached part is all True and the stored ``y`` are not read.
+    """
+    if cache is None or cache.offset == 0:
+        return stream_mask(positions, positions)
+    offset = cache.offset
+    if (np.array(positions).min(axis=1) > cache.max_y).all():
+        return peer_mask(positions, offset)
+    k_ys = mx.concatenate([cache.key_ys(), positions.astype(mx.int32)], axis=1)
+    return stream_mask(positions, k_ys, offset)
+
+
+def _cache_class(name: str):
+    if name == StreamKVCache.__name__:
+        return StreamKVCache
+    return getattr(lm_cache, name)
+
+
+def save_prompt_cache(
+    file: str, cache: List[Any], metadata: Optional[Dict[str, str]] = None
+):
+    """Save a cache to ``file`` (``.safetensors``) in mlx-lm's prompt-cache format.
+
+    Written to a temporary name first and renamed, so a failure leaves no partial file.
+    """
+    path = Path(file)
+    tmp = path.with_name(f".{path.stem}.tmp.safetensors")
+    try:
+        lm_cache.save_prompt_cache(str(tmp), cache, metadata)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_prompt_cache(file: str, return_metadata: bool = False):
+    """Load a cache written by :func:`save_prompt_cache` (or by mlx-lm)."""
+    if not Path(file).is_file():
+        raise FileNotFoundError(f"No prompt cache file at {file}.")
+    arrays, meta = mx.load(str(file), return_metadata=True)
+    metadata, classes, scalars = tree_unflatten(list(meta.items()))
+    for pos, kind in scalars[1:]:
+        a = arrays[pos]
+        arrays[pos] = {
+            "scalar": lambda: a.item(),
+            "string": lambda: "".join(chr(i) for i in a.tolist()),
+            "none": lambda: None,
+        }[kind]()
+    states = tree_unflatten(list(arrays.items()))
+    cache = [_cache_class(c).from_state(s) for c, s in zip(classes, states)]
+    return (cache, metadata) if return_metadata else cache
+

@@ -1,0 +1,217 @@
+# Copyright © 2026 mstream-mlx contributors.
+"""Qwen3 multi-stream model: mlx-lm's qwen3 with a channel embedding, RoPE at each
+token's timestep and the block-causal stream mask (paper §5 and §7)."""
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Dict, List, Optional, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.base import BaseModelArgs, scaled_dot_product_attention
+from mlx_lm.models.qwen3 import MLP
+
+from ..attention import StreamRoPE, apply_rope
+from ..cache import StreamKVCache, make_mask
+from ..streams import StreamSpec
+
+# Keys the reference checkpoints carry for its (disabled) role gating: never used.
+REFERENCE_ONLY_KEYS = ("gate_in_norm", "role_gating")
+CHANNEL_KEY = "model.channel_embedding.weight"
+
+
+@dataclass
+class ModelArgs(BaseModelArgs):
+    model_type: str
+    hidden_size: int
+    num_hidden_layers: int
+    intermediate_size: int
+    num_attention_heads: int
+    rms_norm_eps: float
+    vocab_size: int
+    num_key_value_heads: Optional[int] = None
+    head_dim: Optional[int] = None
+    tie_word_embeddings: bool = False
+    rope_theta: Optional[float] = None
+    rope_scaling: Optional[Dict[str, Union[float, str]]] = None
+    rope_parameters: Optional[dict] = None
+    num_channels: int = 0
+    role_gating_enabled: bool = False
+    multistream: Optional[dict] = None
+
+    qk_norm: ClassVar[bool] = True
+    qkv_bias: ClassVar[bool] = False
+
+    def __post_init__(self):
+        # transformers >= 5 nests rope_theta and rope_scaling under rope_parameters.
+        if self.rope_parameters:
+            self.rope_theta = self.rope_theta or self.rope_parameters.get("rope_theta")
+            self.rope_scaling = self.rope_scaling or self.rope_parameters
+        if self.rope_theta is None:
+            raise ValueError("rope_theta is missing from the model config.")
+        self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
+        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+        if self.num_channels < 1:
+            raise ValueError(f"num_channels must be >= 1, got {self.num_channels}.")
+        if self.role_gating_enabled:
+            raise ValueError(
+                "This checkpoint enables role gating (role_gating_enabled: true), "
+                "which mstream-mlx does not implement."
+            )
+
+    @property
+    def rope_scale(self) -> float:
+        kind = (self.rope_scaling or {}).get("rope_type") or (
+            self.rope_scaling or {}
+        ).get("type", "default")
+        if kind == "default":
+            return 1.0
+        if kind == "linear":
+            return 1.0 / float(self.rope_scaling["factor"])
+        raise ValueError(f"RoPE scaling {kind!r} is not supported by mstream-mlx.")
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        dim, hd = args.hidden_size, args.head_dim
+        self.n_heads = args.num_attention_heads
+        self.n_kv_heads = args.num_key_value_heads
+        self.scale = hd**-0.5
+        bias = args.qkv_bias
+        self.q_proj = nn.Linear(dim, self.n_heads * hd, bias=bias)
+        self.k_proj = nn.Linear(dim, self.n_kv_heads * hd, bias=bias)
+        self.v_proj = nn.Linear(dim, self.n_kv_heads * hd, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * hd, dim, bias=False)
+        if args.qk_norm:
+            self.q_norm = nn.RMSNorm(hd, eps=args.rms_norm_eps)
+            self.k_norm = nn.RMSNorm(hd, eps=args.rms_norm_eps)
+
+    def __call__(self, x, rope, mask, cache=None) -> mx.array:
+        B, L, _ = x.shape
+        q = self.q_proj(x).reshape(B, L, self.n_heads, -1)
+        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)
+        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1)
+        if "q_norm" in self:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(0, 2, 1, 3), *rope)  # (B, H, L, D)
+        k = apply_rope(k.transpose(0, 2, 1, 3), *rope)  # (B, Hkv, L, D)
+        v = v.transpose(0, 2, 1, 3)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        out = scaled_dot_product_attention(q, k, v, cache, scale=self.scale, mask=mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.self_attn = Attention(args)
+        self.mlp = MLP(args.hidden_size, args.intermediate_size)
+        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(
+            args.hidden_size, eps=args.rms_norm_eps
+        )
+
+    def __call__(self, x, rope, mask, cache=None) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Qwen3Model(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.channel_embedding = nn.Embedding(args.num_channels, args.hidden_size)
+        self.layers = [TransformerBlock(args) for _ in range(args.num_hidden_layers)]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self._rope = StreamRoPE(args.head_dim, args.rope_theta, args.rope_scale)
+
+    def __call__(self, inputs, channels, positions, cache=None, mask=None) -> mx.array:
+        # paper §3: the channel embedding is added once, before layer 0
+        h = self.embed_tokens(inputs) + self.channel_embedding(channels)
+        rope = self._rope.tables(positions)  # shared by all layers
+        if cache is None:
+            cache = [None] * len(self.layers)
+        if mask is None:
+            mask = make_mask(positions, cache[0])
+        if cache[0] is not None:
+            for c in cache:
+                c.push_positions(positions)
+        for layer, c in zip(self.layers, cache):
+            h = layer(h, rope, mask, c)
+        return self.norm(h)
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        self.model = Qwen3Model(args)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def __call__(
+        self,
+        inputs: mx.array,
+        *,
+        channels: mx.array,
+        positions: mx.array,
+        cache: Optional[List[Any]] = None,
+        mask: Optional[mx.array] = None,
+    ) -> mx.array:
+        """Logits ``[B, L, V]``; the logit of token (c, y) predicts stream c at y + 1.
+
+        Args:
+            inputs, channels, positions: ``[B, L]`` int arrays (token id, channel, y).
+            cache: from :meth:`make_cache` for incremental use (changed in place).
+            mask: optional boolean ``[B, 1, L, S]``; derived from ``positions`` if None.
+        """
+        if not inputs.shape == channels.shape == positions.shape:
+            raise ValueError(
+                f"inputs, channels and positions must have one shape, got "
+                f"{inputs.shape}, {channels.shape} and {positions.shape}."
+            )
+        return self.lm_logits(self.model(inputs, channels, positions, cache, mask))
+
+    def lm_logits(self, h: mx.array) -> mx.array:
+        """The shared LM head (tied or not) applied to hidden states."""
+        if self.args.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
+
+    def sanitize(self, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
+        out = {}
+        for k, v in weights.items():
+            if any(r in k for r in REFERENCE_ONLY_KEYS):
+                continue
+            out[k.replace("model.language_model.", "model.")] = v
+        if self.args.tie_word_embeddings:
+            out.pop("lm_head.weight", None)
+        if CHANNEL_KEY not in out:
+            # A plain base model: start the channel table at N(0, 0.02) (the
+            # reference's init) so it can be fine-tuned into a multi-stream model.
+            print(
+                "[WARNING] The checkpoint has no channel embedding; initialised "
+                f"{self.args.num_channels} channels at N(0, 0.02) for fine-tuning."
+            )
+            shape = (self.args.num_channels, self.args.hidden_size)
+            out[CHANNEL_KEY] = 0.02 * mx.random.normal(shape, key=mx.random.key(0))
+        return out
+
+    def make_cache(self) -> List[StreamKVCache]:
+        return [StreamKVCache() for _ in self.layers]
+
+    @property
+    def layers(self):
+        return self.model.layers
+
+    @property
+    def streams(self) -> StreamSpec:
+        """Names, inputs, layout and silence token of this model's streams."""
+        return StreamSpec.from_config(self.args.multistream or {}, self.args.num_channels)
+
+    @property
+    def quant_predicate(self):
+        # Keep the tiny channel table exact; nn.quantize would otherwise take it.
+        return lambda path, module: not path.endswith("channel_embedding")

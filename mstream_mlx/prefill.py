@@ -1,0 +1,58 @@
+# Copyright © 2026 mstream-mlx contributors.
+"""Chunked prefill of a multi-stream sequence into a cache.
+
+Tokens are first put in timestep order (any order is valid for one forward, but only
+a y-sorted order may be cut into chunks: a token must never enter the cache after a
+token that should have seen it).  Each chunk's mask is at most ``step × context``,
+never ``L × L``, and the cache is evaluated after every chunk as mlx-lm does.
+"""
+
+from typing import Any, List, Optional, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from .streams import Flat, timestep_order
+
+DEFAULT_PREFILL_STEP = 2048
+
+
+def prefill(
+    model,
+    flat: Flat,
+    cache: List[Any],
+    *,
+    logits_at: Sequence[int] = (),
+    step: int = DEFAULT_PREFILL_STEP,
+) -> Optional[mx.array]:
+    """Feed ``flat`` (batch 1) into ``cache`` in chunks of ``step`` tokens.
+
+    Args:
+        model: a multi-stream model.
+        flat: the tokens, in any order.
+        cache: from ``model.make_cache()``; extended in place.
+        logits_at: flat indices (into ``flat``) whose logits to return.
+        step: tokens per chunk.
+
+    Returns:
+        Logits ``[len(logits_at), V]`` in the order of ``logits_at`` (None if empty).
+    """
+    if step < 1:
+        raise ValueError(f"The prefill step must be >= 1, got {step}.")
+    order = timestep_order(flat.positions)
+    where = np.empty_like(order)
+    where[order] = np.arange(len(order))  # flat index -> position in y order
+    wanted = [int(where[i]) for i in logits_at]
+    ids, channels, positions = flat.take(order).arrays()
+    hidden = {}
+    for start in range(0, len(order), step):
+        sl = slice(start, start + step)
+        h = model.model(ids[:, sl], channels[:, sl], positions[:, sl], cache)
+        for w in wanted:
+            if start <= w < start + step:
+                hidden[w] = h[0, w - start]
+        mx.eval([c.state for c in cache] + list(hidden.values()))
+        mx.clear_cache()
+    if not wanted:
+        return None
+    return model.lm_logits(mx.stack([hidden[w] for w in wanted]))
