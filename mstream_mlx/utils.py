@@ -117,12 +117,15 @@ def load_model(
         raise FileNotFoundError(f"No model*.safetensors in {model_path}.")
     config = load_config(model_path)
     facts = stream_facts(config, shapes)
-    return lm_load_model(
-        model_path,
-        lazy=lazy,
-        model_config=facts,
-        get_model_classes=get_model_classes,
-    )
+    try:
+        return lm_load_model(
+            model_path,
+            lazy=lazy,
+            model_config=facts,
+            get_model_classes=get_model_classes,
+        )
+    except ValueError as e:  # MLX's weight checks span lines; keep one line
+        raise ValueError(f"{model_path}: {' '.join(str(e).split())}") from e
 
 
 def load(

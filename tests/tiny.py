@@ -103,7 +103,8 @@ def make_checkpoint(
     folder = Path(folder)
     n = num_channels or (10 if layout == "rows" else 3)
     config = tiny_config(model_type, num_channels=n, tied=tied, **config_overrides)
-    state = random_state_dict(config, seed=seed)
+    # std 0.1: attention far from uniform, so positions and masks move the logits
+    state = random_state_dict(config, seed=seed, std=0.1)
     if not channel_embedding:
         state.pop("model.channel_embedding.weight")
         config.pop("num_channels")

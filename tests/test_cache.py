@@ -1,0 +1,72 @@
+# Copyright © 2026 mstream-mlx contributors.
+"""StreamKVCache: trim, save/load and dtype/batch behaviour of the model runner."""
+
+import copy
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import mstream_mlx
+from mstream_mlx.cache import StreamKVCache, load_prompt_cache, save_prompt_cache
+from mstream_mlx.streams import rows_to_flat
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint):
+    return mstream_mlx.load(tiny_checkpoint("qwen3", "rows"))[0]
+
+
+def feed_rows(model, cache, table, first_row=0):
+    out = []
+    for r, row in enumerate(table):
+        ids, ch, pos = rows_to_flat([row], first_row=first_row + r).arrays()
+        out.append(model(ids, channels=ch, positions=pos, cache=cache))
+    return mx.concatenate(out, axis=1)
+
+
+def test_trim_then_refeed_is_exact(model):
+    table = np.random.default_rng(0).integers(0, 400, size=(4, 10))
+    cache = model.make_cache()
+    full = feed_rows(model, cache, table)
+    assert all(c.trim(20) == 20 for c in cache)  # drop rows 2 and 3
+    assert cache[0].offset == 20 and cache[0].max_y.tolist() == [1]
+    again = feed_rows(model, cache, table[2:], first_row=2)
+    assert mx.array_equal(again, full[:, 20:])
+
+
+def test_prompt_cache_round_trip(model, tmp_path):
+    table = np.random.default_rng(1).integers(0, 400, size=(3, 10))
+    cache = model.make_cache()
+    feed_rows(model, cache, table[:2])
+    f = tmp_path / "prompt.safetensors"
+    save_prompt_cache(str(f), cache, {"note": "two rows"})
+    loaded, meta = load_prompt_cache(str(f), return_metadata=True)
+    assert meta == {"note": "two rows"} and isinstance(loaded[0], StreamKVCache)
+    assert loaded[0].offset == 20 and loaded[0].max_y.tolist() == [1]
+    a = feed_rows(model, cache, table[2:], first_row=2)
+    b = feed_rows(model, loaded, table[2:], first_row=2)
+    assert mx.array_equal(a, b)
+    assert [p.name for p in tmp_path.iterdir()] == ["prompt.safetensors"]
+    with pytest.raises(FileNotFoundError, match="No prompt cache file at"):
+        load_prompt_cache(str(tmp_path / "nope.safetensors"))
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
+def test_runner_dtypes_batch_and_deepcopy(model, dtype):
+    m = copy.deepcopy(model)
+    m.set_dtype(dtype)
+    ids, ch, pos = rows_to_flat(np.random.default_rng(2).integers(0, 400, size=(2, 10))).arrays()
+    batch = [mx.concatenate([a, a], axis=0) for a in (ids, ch, pos)]
+    out = m(batch[0], channels=batch[1], positions=batch[2])
+    assert out.shape == (2, 20, 512) and out.dtype == dtype
+    assert mx.array_equal(out[0], out[1])
+    cache = m.make_cache()
+    step = m(ids[:, :10], channels=ch[:, :10], positions=pos[:, :10], cache=cache)
+    assert step.dtype == dtype and cache[0].offset == 10
+    assert cache[0].nbytes > 0
+
+
+def test_shape_mismatch_is_one_line(model):
+    with pytest.raises(ValueError, match=r"must have one shape, got \(1, 3\), \(1, 2\)"):
+        model(mx.zeros((1, 3), mx.int32), channels=mx.zeros((1, 2), mx.int32), positions=mx.zeros((1, 3), mx.int32))
