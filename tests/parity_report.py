@@ -2,6 +2,7 @@
 """Print the parity table of the README: max |logit diff| per case, MLX vs the PyTorch
 reference, fp32, with the devices named.  Run: ``python -m tests.parity_report``."""
 
+import os
 import platform
 import tempfile
 from pathlib import Path
@@ -22,7 +23,8 @@ def main():
         ref_name = f"PyTorch on {torch.cuda.get_device_name(ref_dev)} (CUDA)"
     else:
         ref_name = f"PyTorch on CPU ({platform.processor() or platform.machine()})"
-    print(f"MLX device: {mx.default_device()} | reference: {ref_name}\n")
+    tf32 = os.environ.get("MLX_ENABLE_TF32", "default")
+    print(f"MLX device: {mx.default_device()} (MLX_ENABLE_TF32={tf32}) | reference: {ref_name}\n")
     header = " | ".join(f"{t} {'tied' if tied else 'untied'}" for t, tied in FAMILIES)
     print(f"| case | {header} |")
     print("|---" * (len(FAMILIES) + 1) + "|")
