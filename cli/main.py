@@ -28,6 +28,12 @@ def version():
     typer.echo(__version__)
 
 
+from . import convert as _convert  # noqa: E402
+
+app.command("convert")(_convert.convert)
+app.command("export")(_convert.export)
+
+
 def _prefer_openblas():
     """Re-exec once with Debian's OpenBLAS preloaded (Linux only).
 

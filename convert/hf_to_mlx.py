@@ -1,0 +1,477 @@
+# Copyright © 2026 mstream-mlx contributors.
+"""PyTorch multi-stream checkpoints (or plain Qwen bases) to MLX model folders.
+
+Families, told apart by ``config.json`` and the tensors (shared/reference §8 of both
+specs):
+
+===============================  =======  =============================================
+``architectures``                layout   what the checkpoint is
+===============================  =======  =============================================
+``Qwen3ForMultiStream``          blocks   paper §5 (model_type qwen3)
+``Qwen2ForMultiStream``          blocks   paper §6 (model_type qwen2)
+``Qwen3ForCausalLM`` + channels  rows     paper §7 Stream-8B (``num_channels`` key;
+                                          unused ``gate_in_norm`` weights dropped)
+``Qwen3/Qwen2ForCausalLM``       blocks*  a plain base model: a new N(0, 0.02) channel
+                                          table, stream spec from the flags
+===============================  =======  =============================================
+
+(* ``--layout`` picks; blocks by default.)  The channel count is the channel table's
+row count.  When ``config.json``'s ``num_channels`` disagrees, **the tensor wins** and a
+warning says so: the reference's own configs are unreliable there (its code defaults
+to 5 channels in §5 and 3 in §6 unless the key is written).  A ``--num-channels`` flag
+that disagrees with a trained table is an error (a trained table cannot be resized).
+"""
+
+import json
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import mlx.core as mx
+from mlx.utils import tree_flatten, tree_map_with_path
+
+from mstream_mlx.models import get_model_classes
+from mstream_mlx.models.qwen3 import CHANNEL_KEY, REFERENCE_ONLY_KEYS
+from mstream_mlx.streams import (
+    BLOCKS,
+    LAYOUTS,
+    ROWS,
+    blocks_spec,
+    rows_spec,
+    silence_token_id,
+)
+from mstream_mlx.utils import resolve_model_path, stream_facts
+
+from .folder import check_apart, check_destination, copy_side_files, output_folder
+from .weights import read_weights
+
+DTYPES = ("float16", "bfloat16", "float32")
+Q_BITS = (2, 3, 4, 5, 6, 8)
+Q_GROUP_SIZES = (32, 64, 128)
+EMBED_KEY = "model.embed_tokens.weight"
+# Buffers some checkpoints carry besides parameters.
+DROPPED = REFERENCE_ONLY_KEYS + ("rotary_emb.inv_freq",)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "*.tiktoken")
+# architecture -> (model_type, layout it implies; None: rows if it has a channel table)
+ARCHITECTURES = {
+    "Qwen3ForMultiStream": ("qwen3", BLOCKS),
+    "Qwen2ForMultiStream": ("qwen2", BLOCKS),
+    "Qwen3ForCausalLM": ("qwen3", None),
+    "Qwen2ForCausalLM": ("qwen2", None),
+}
+CONVERTIBLE = ("qwen3", "qwen2")  # Qwen3.5: not yet (its sanitize differs)
+# (model_type, layout) -> the class name the reference code saves (both specs §8);
+# written into every output config, so a converted base model names its new family.
+REFERENCE_ARCHITECTURES = {
+    ("qwen3", BLOCKS): "Qwen3ForMultiStream",  # §5
+    ("qwen2", BLOCKS): "Qwen2ForMultiStream",  # §6
+    ("qwen3", ROWS): "Qwen3ForCausalLM",  # §7: a stock class name + num_channels
+    ("qwen2", ROWS): "Qwen2ForCausalLM",
+}
+QWEN3_5_TYPES = (
+    "qwen3_5",
+    "qwen3_5_text",
+    "qwen3_5_moe",
+    "qwen3_5_moe_text",
+    "qwen3_next",
+)
+
+
+def warn(message: str) -> None:
+    print(f"[WARNING] {message}", file=sys.stderr)
+
+
+def info(message: str) -> None:
+    print(f"[INFO] {message}", file=sys.stderr)
+
+
+def check_options(
+    *,
+    q_bits: int,
+    q_group_size: int,
+    dtype: Optional[str],
+    layout: Optional[str],
+    num_channels: Optional[int],
+    channel_names: Optional[Sequence[str]],
+) -> None:
+    """Reject bad flags before any file is read."""
+    if q_bits not in Q_BITS:
+        raise ValueError(f"--q-bits {q_bits} is not supported; use one of {Q_BITS}.")
+    if q_group_size not in Q_GROUP_SIZES:
+        raise ValueError(
+            f"--q-group-size {q_group_size} is not supported; use one of {Q_GROUP_SIZES}."
+        )
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(
+            f"--dtype {dtype} is not supported; use one of {', '.join(DTYPES)}."
+        )
+    if layout is not None and layout not in LAYOUTS:
+        raise ValueError(
+            f"--layout {layout} is not supported; use one of {', '.join(LAYOUTS)}."
+        )
+    if num_channels is not None and num_channels < 1:
+        raise ValueError(f"--num-channels must be >= 1, got {num_channels}.")
+    if channel_names is not None:
+        if num_channels is not None and len(channel_names) != num_channels:
+            raise ValueError(
+                f"--channel-names gives {len(channel_names)} names but --num-channels "
+                f"is {num_channels}."
+            )
+
+
+def read_config(src: Path) -> dict:
+    f = src / "config.json"
+    if not f.is_file():
+        raise FileNotFoundError(f"No config.json in {src}.")
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{f} is not valid JSON ({e}).") from e
+
+
+def detect(config: dict, src: Path) -> Tuple[str, Optional[str], str]:
+    """``(model_type, implied layout or None, architecture)`` from ``config.json``."""
+    model_type = config.get("model_type")
+    archs = list(config.get("architectures") or [])
+    if model_type in QWEN3_5_TYPES or any("Qwen3_5" in a for a in archs):
+        raise ValueError(
+            f"{src} is a Qwen3.5 checkpoint (model_type {model_type!r}); the "
+            "converter does not read Qwen3.5 yet (supported: qwen3, qwen2)."
+        )
+    if model_type not in CONVERTIBLE:
+        raise ValueError(
+            f"Unknown model_type {model_type!r} in {src / 'config.json'}; the converter "
+            f"reads {', '.join(CONVERTIBLE)}."
+        )
+    if config.get("quantization") or config.get("quantization_config"):
+        raise ValueError(
+            f"{src} is already quantized (config.json has a quantization entry); "
+            "convert the unquantized checkpoint instead."
+        )
+    if not archs:
+        return model_type, None, f"{model_type} (no architectures entry)"
+    arch = archs[0]
+    if arch not in ARCHITECTURES:
+        raise ValueError(
+            f"Unknown architecture {arch!r} in {src / 'config.json'}; the converter "
+            f"reads {', '.join(ARCHITECTURES)}."
+        )
+    arch_type, layout = ARCHITECTURES[arch]
+    if arch_type != model_type:
+        raise ValueError(
+            f"Inconsistent config in {src / 'config.json'}: architecture {arch} is a "
+            f"{arch_type} model but model_type is {model_type!r}."
+        )
+    return model_type, layout, arch
+
+
+def rename(weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
+    """Map ``model.language_model.`` to ``model.``; drop reference-only tensors
+    (the §7 ``gate_in_norm`` / ``role_gating`` weights, RoPE buffers)."""
+    out = {}
+    for k, v in weights.items():
+        if any(d in k for d in DROPPED):
+            continue
+        out[k.replace("model.language_model.", "model.", 1)] = v
+    return out
+
+
+def stream_entry(
+    config: dict,
+    weights: Dict[str, mx.array],
+    src: Path,
+    arch_layout: Optional[str],
+    *,
+    layout: Optional[str],
+    num_channels: Optional[int],
+    channel_names: Optional[List[str]],
+) -> Tuple[int, dict, str]:
+    """``(num_channels, multistream entry, family description)``."""
+    table = weights.get(CHANNEL_KEY)
+    ms = dict(config.get("multistream") or {})
+    arch = (config.get("architectures") or [config.get("model_type")])[0]
+    if table is not None:
+        n = int(table.shape[0])
+        if num_channels is not None and num_channels != n:
+            raise ValueError(
+                f"--num-channels {num_channels} disagrees with {CHANNEL_KEY} "
+                f"{tuple(table.shape)} in {src}; a trained channel table cannot be resized."
+            )
+        if "num_channels" in config and int(config["num_channels"]) != n:
+            warn(
+                f"config.json says num_channels {config['num_channels']} but "
+                f"{CHANNEL_KEY} has {n} rows; using {n} (the tensor wins)."
+            )
+        found = arch_layout or ROWS  # a ForCausalLM with a channel table is §7
+        section = {("qwen3", BLOCKS): "§5", ("qwen2", BLOCKS): "§6"}.get(
+            (config["model_type"], found), "§7" if found == ROWS else ""
+        )
+        family = f"{section} {found} model ({arch})".strip()
+    else:
+        if arch_layout is not None:
+            raise ValueError(
+                f"Missing tensor {CHANNEL_KEY} in {src}; {arch} checkpoints carry one."
+            )
+        if (
+            "num_channels" in config
+            and config.get("channel_embedding_method") != "none"
+        ):
+            raise ValueError(
+                f"Missing tensor {CHANNEL_KEY} in {src}; config.json has num_channels "
+                f"{config['num_channels']}, so it is a §7 stream checkpoint."
+            )
+        found = BLOCKS
+        n = (
+            num_channels
+            or (len(channel_names) if channel_names else None)
+            or config.get("num_channels")
+            or len(ms.get("channel_names") or [])
+            or (10 if (layout or ms.get("layout")) == ROWS else 3)
+        )
+        n = int(n)
+        family = f"plain {config['model_type']} base model ({arch}; new channel table)"
+    if layout is not None:
+        ms["layout"] = layout
+    ms.setdefault("layout", found)
+    default = rows_spec(n) if ms["layout"] == ROWS else blocks_spec(n)
+    ms = {**default.to_config(), **ms}  # inputs: User (rows); system, user (blocks)
+    if channel_names is not None:
+        if len(channel_names) != n:
+            raise ValueError(
+                f"--channel-names gives {len(channel_names)} names but the model has "
+                f"{n} channels."
+            )
+        ms["channel_names"] = list(channel_names)
+    facts = stream_facts({**config, "num_channels": n, "multistream": ms}, {})
+    return n, facts["multistream"], family
+
+
+def load_source_tokenizer(src: Path):
+    from mlx_lm.utils import load_tokenizer
+
+    hint = "copy the base model's tokenizer files next to the weights"
+    # transformers builds an empty Qwen tokenizer from config.json alone: look first
+    if not any(next(src.glob(p), None) for p in TOKENIZER_FILES):
+        raise ValueError(
+            f"Cannot load a tokenizer from {src} (no {', '.join(TOKENIZER_FILES)}); "
+            f"{hint}."
+        )
+    try:
+        return load_tokenizer(src)
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(
+            f"Cannot load a tokenizer from {src} ({first}); {hint}."
+        ) from e
+
+
+def check_weights(model, weights: Dict[str, mx.array], src: Path, config: dict) -> None:
+    """Every parameter present with its shape, nothing extra, all floating point."""
+    expected = dict(tree_flatten(model.parameters()))
+    for k, v in expected.items():
+        if k not in weights:
+            hint = ""
+            if k == "lm_head.weight":
+                hint = " (config.json has tie_word_embeddings false)"
+            raise ValueError(f"Missing tensor {k} in {src}{hint}.")
+        got = tuple(weights[k].shape)
+        if got != tuple(v.shape):
+            raise ValueError(
+                f"Wrong shape for {k} in {src}: {got}, but config.json implies "
+                f"{tuple(v.shape)}."
+            )
+        if not mx.issubdtype(weights[k].dtype, mx.floating):
+            raise ValueError(
+                f"Tensor {k} in {src} has dtype {weights[k].dtype}; expected "
+                "float32, bfloat16 or float16."
+            )
+    extra = sorted(set(weights) - set(expected))
+    if extra:
+        more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
+        raise ValueError(
+            f"Unexpected tensor {extra[0]}{more} in {src}: not part of a "
+            f"{config['model_type']} model with {config['num_hidden_layers']} layers."
+        )
+
+
+def model_card(
+    folder: Path, *, name: str, base: Optional[str], family: str, config: dict
+):
+    from huggingface_hub import ModelCard
+    from mlx_lm.utils import create_model_card
+
+    create_model_card(folder, None)
+    card = ModelCard.load(folder / "README.md")
+    card.data.tags = list(card.data.tags or []) + ["multi-stream", "mstream-mlx"]
+    if base:
+        card.data.base_model = base
+    ms = config["multistream"]
+    q = config.get("quantization")
+    quant = (
+        f", quantized to {q['bits']} bits (group size {q['group_size']})" if q else ""
+    )
+    card.text = (
+        f"# {name}\n\n"
+        f"A multi-stream LLM ({family}) converted to MLX with mstream-mlx{quant}.\n"
+        f"Layout: {ms['layout']}; {config['num_channels']} streams: "
+        f"{', '.join(ms['channel_names'])} (inputs: "
+        f"{', '.join(ms['channel_names'][c] for c in ms['input_channels'])}).\n\n"
+        "```python\nimport mstream_mlx\n\n"
+        f'model, tokenizer = mstream_mlx.load("{name}")\n```\n'
+    )
+    card.save(str(folder / "README.md"))
+
+
+def upload(folder: Path, repo: str) -> None:
+    # Not mlx_lm.utils.upload_to_hub: it rewrites the card with mlx_lm.load usage,
+    # which cannot load a multi-stream model.
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id=repo, exist_ok=True)
+    api.upload_large_folder(folder_path=str(folder), repo_id=repo, repo_type="model")
+    info(f"Uploaded to https://huggingface.co/{repo}")
+
+
+def convert(
+    hf_path: str,
+    mlx_path: str,
+    *,
+    quantize: bool = False,
+    q_bits: int = 4,
+    q_group_size: int = 64,
+    dtype: Optional[str] = None,
+    upload_repo: Optional[str] = None,
+    force: bool = False,
+    layout: Optional[str] = None,
+    num_channels: Optional[int] = None,
+    channel_names: Optional[Sequence[str]] = None,
+    revision: Optional[str] = None,
+) -> Path:
+    """Convert a PyTorch-side checkpoint into an MLX model folder.
+
+    Args:
+        hf_path: a local folder or a Hugging Face Hub repo id.
+        mlx_path: the output folder; it must not exist unless ``force``.
+        quantize: quantize Linear and Embedding layers (the channel table and the
+            norms stay in ``dtype``).
+        q_bits, q_group_size: affine quantization settings.
+        dtype: ``float16``, ``bfloat16`` or ``float32``; default the stored dtype.
+        upload_repo: a Hub repo to upload the folder to afterwards.
+        force: replace an existing ``mlx_path`` (only once the new one is complete).
+        layout, num_channels, channel_names: the stream spec of a plain base model;
+            for a stream checkpoint they override (names, layout) or must agree
+            with (channel count) what it carries.
+        revision: Hub revision.
+
+    Returns:
+        The output folder.
+    """
+    channel_names = list(channel_names) if channel_names else None
+    check_options(
+        q_bits=q_bits,
+        q_group_size=q_group_size,
+        dtype=dtype,
+        layout=layout,
+        num_channels=num_channels,
+        channel_names=channel_names,
+    )
+    dst = check_destination(Path(mlx_path), force)
+    local = Path(hf_path).expanduser().exists()
+    src = resolve_model_path(str(hf_path), revision)
+    check_apart(dst, src, "--mlx-path")
+    config = read_config(src)
+    model_type, arch_layout, _ = detect(config, src)
+    weights = rename(read_weights(src))
+    if EMBED_KEY not in weights:
+        raise ValueError(f"Missing tensor {EMBED_KEY} in {src}.")
+    n, ms, family = stream_entry(
+        config,
+        weights,
+        src,
+        arch_layout,
+        layout=layout,
+        num_channels=num_channels,
+        channel_names=channel_names,
+    )
+    tokenizer = load_source_tokenizer(src)
+    if ms["layout"] == ROWS and ms.get("silence_token_id") is None:
+        ms["silence_token_id"] = silence_token_id(tokenizer)  # §7 §1.2: never hard-code
+    stored = weights[EMBED_KEY].dtype
+    info(f"{src}: {family}, {n} channels, {str(stored).split('.')[-1]} weights.")
+
+    cfg = {k: v for k, v in config.items() if k not in ("_name_or_path", "auto_map")}
+    vocab = int(weights[EMBED_KEY].shape[0])
+    if "vocab_size" in cfg and int(cfg["vocab_size"]) != vocab:
+        warn(
+            f"config.json says vocab_size {cfg['vocab_size']} but {EMBED_KEY} has "
+            f"{vocab} rows; using {vocab} (the tensor wins, as in the reference)."
+        )
+    cfg.update(
+        architectures=[REFERENCE_ARCHITECTURES[(model_type, ms["layout"])]],
+        vocab_size=vocab,
+        num_channels=n,
+        multistream=ms,
+    )
+    if cfg.get("tie_word_embeddings") and "lm_head.weight" in weights:
+        if not mx.array_equal(weights["lm_head.weight"], weights[EMBED_KEY]).item():
+            warn(
+                f"tie_word_embeddings is true but {src} has its own lm_head.weight; "
+                "it is ignored, as transformers ties the head to the embedding."
+            )
+    if config.get("channel_embedding_method") == "none" and CHANNEL_KEY not in weights:
+        # §7 "none": no channel table at all, i.e. a zero table.
+        weights[CHANNEL_KEY] = mx.zeros((n, weights[EMBED_KEY].shape[1]), stored)
+
+    model_class, args_class = get_model_classes(cfg)
+    try:
+        model = model_class(args_class.from_dict(cfg))
+    except (TypeError, KeyError) as e:
+        raise ValueError(f"Inconsistent config in {src / 'config.json'}: {e}") from e
+    weights = model.sanitize(weights)  # a base model gets its N(0, 0.02) table here
+    check_weights(model, weights, src, cfg)
+    model.load_weights(list(weights.items()))
+    del weights
+
+    target = getattr(mx, dtype) if dtype else stored
+    cast = getattr(model, "cast_predicate", lambda _: True)
+    model.update(
+        tree_map_with_path(
+            lambda k, v: (
+                v.astype(target)
+                if cast(k) and mx.issubdtype(v.dtype, mx.floating)
+                else v
+            ),
+            model.parameters(),
+        )
+    )
+    dtype_name = str(target).split(".")[-1]
+    cfg["torch_dtype"] = dtype_name
+    if "dtype" in cfg:
+        cfg["dtype"] = dtype_name
+    if quantize:
+        from mlx_lm.utils import quantize_model
+
+        model, cfg = quantize_model(
+            model, cfg, q_group_size, q_bits, quant_predicate=model.quant_predicate
+        )
+    mx.eval(model.parameters())
+
+    from mlx_lm.utils import save_config, save_model
+
+    with output_folder(dst, force) as tmp:
+        save_model(tmp, model, donate_model=True)
+        save_config(cfg, tmp / "config.json")
+        copy_side_files(src, tmp)
+        model_card(
+            tmp,
+            name=upload_repo or dst.name,
+            base=None if local else str(hf_path),
+            family=family,
+            config=cfg,
+        )
+    info(f"Wrote {dst}")
+    if upload_repo:
+        upload(dst, upload_repo)
+    return dst

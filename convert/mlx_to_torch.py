@@ -1,0 +1,120 @@
+# Copyright © 2026 mstream-mlx contributors.
+"""MLX model folders (e.g. after LoRA fuse) back to PyTorch-loadable safetensors.
+
+The output is what the reference training writes (shared/reference §8): HF key names
+(MLX keeps them 1:1), ``config.json`` with the reference's ``architectures``
+(``Qwen*ForMultiStream`` for blocks models, ``Qwen*ForCausalLM`` + ``num_channels``
+for rows models) and ``num_channels`` always written (the reference's code defaults,
+5 or 3, would otherwise size the channel table), safetensors with ``format: pt``
+metadata (sharded ≤ 5 GB with an HF index when large), and the tokenizer files.
+Quantized folders are dequantized first.  torch is not needed.
+"""
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from mstream_mlx.utils import load_model, resolve_model_path
+
+from .folder import check_apart, check_destination, copy_side_files, output_folder
+from .hf_to_mlx import DTYPES, REFERENCE_ARCHITECTURES, info
+
+MLX_ONLY_KEYS = ("quantization", "quantization_config")
+
+
+def save_torch_weights(folder: Path, weights: dict) -> None:
+    """HF ``save_pretrained`` layout: one ``model.safetensors`` or 5 GB shards + index."""
+    from mlx_lm.utils import make_shards
+
+    shards = make_shards(weights)
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [
+            f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            for i in range(len(shards))
+        ]
+    )
+    weight_map = {}
+    for name, shard in zip(names, shards):
+        mx.save_safetensors(str(folder / name), shard, metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(v.nbytes for v in weights.values())},
+            "weight_map": dict(sorted(weight_map.items())),
+        }
+        (folder / "model.safetensors.index.json").write_text(
+            json.dumps(index, indent=2)
+        )
+
+
+def export(
+    model: str,
+    torch_path: str,
+    *,
+    dtype: Optional[str] = None,
+    force: bool = False,
+    revision: Optional[str] = None,
+) -> Path:
+    """Write an MLX model folder as a PyTorch (reference-loadable) checkpoint folder.
+
+    Args:
+        model: an MLX model folder or Hub repo id.
+        torch_path: the output folder; it must not exist unless ``force``.
+        dtype: ``float16``, ``bfloat16`` or ``float32``; default the model's dtype
+            (a quantized model's scale dtype).
+        force: replace an existing ``torch_path`` (only once the new one is complete).
+        revision: Hub revision.
+
+    Returns:
+        The output folder.
+    """
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(
+            f"--dtype {dtype} is not supported; use one of {', '.join(DTYPES)}."
+        )
+    dst = check_destination(Path(torch_path), force)
+    src = resolve_model_path(str(model), revision)
+    check_apart(dst, src, "--torch-path")
+    mlx_model, _ = load_model(src)
+    config = json.loads((src / "config.json").read_text())
+    if "quantization" in config:
+        from mlx_lm.utils import dequantize_model
+
+        q = config["quantization"]
+        info(f"Dequantizing ({q.get('bits')}-bit, group size {q.get('group_size')}).")
+        mlx_model = dequantize_model(mlx_model)
+    weights = dict(tree_flatten(mlx_model.parameters()))
+    target = getattr(mx, dtype) if dtype else weights["model.embed_tokens.weight"].dtype
+    weights = {
+        k: v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v
+        for k, v in weights.items()
+    }
+    mx.eval(weights)
+
+    args = mlx_model.args
+    layout = args.multistream["layout"]
+    out = {k: v for k, v in config.items() if k not in MLX_ONLY_KEYS}
+    dtype_name = str(target).split(".")[-1]
+    out.update(
+        architectures=[REFERENCE_ARCHITECTURES[(args.model_type, layout)]],
+        num_channels=args.num_channels,
+        multistream=args.multistream,  # harmless to transformers; kept for re-conversion
+        torch_dtype=dtype_name,
+    )
+    if "dtype" in out:
+        out["dtype"] = dtype_name
+    with output_folder(dst, force) as tmp:
+        save_torch_weights(tmp, weights)
+        (tmp / "config.json").write_text(
+            json.dumps(out, indent=2, sort_keys=True) + "\n"
+        )
+        copy_side_files(src, tmp)
+    info(
+        f"Wrote {dst} ({out['architectures'][0]}, {args.num_channels} channels, {dtype_name})."
+    )
+    return dst
