@@ -92,9 +92,10 @@ def make_mask(positions: mx.array, cache: Optional[StreamKVCache]) -> mx.array:
 
 
 def _cache_class(name: str):
-    if name == StreamKVCache.__name__:
-        return StreamKVCache
-    return getattr(lm_cache, name)
+    from .deltanet import DeltaNetCache
+
+    ours = {c.__name__: c for c in (StreamKVCache, DeltaNetCache)}
+    return ours.get(name) or getattr(lm_cache, name)
 
 
 def save_prompt_cache(

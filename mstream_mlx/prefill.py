@@ -39,6 +39,8 @@ def prefill(
     """
     if step < 1:
         raise ValueError(f"The prefill step must be >= 1, got {step}.")
+    row = getattr(model, "tokens_per_row", 1)  # recurrent (Qwen3.5) layers: whole rows
+    step = max(row, step - step % row)
     order = timestep_order(flat.positions)
     where = np.empty_like(order)
     where[order] = np.arange(len(order))  # flat index -> position in y order

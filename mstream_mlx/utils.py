@@ -15,6 +15,13 @@ from .models import get_model_classes
 from .models.qwen3 import CHANNEL_KEY
 from .streams import BLOCKS, ROWS, StreamSpec, blocks_spec, rows_spec, silence_token_id
 
+# Qwen3.5 DeltaNet modes when config.json has none: the reference code's defaults
+# (sec7 §5.1-§5.2; the Stream-27B run itself saved column / column).
+DELTANET_DEFAULTS = {
+    "deltanet_block_causal": "block_causal",
+    "deltanet_conv": "column",
+}
+
 # What snapshot_download fetches for a model (mlx-lm's list plus PyTorch .bin weights
 # for the converter).
 HUB_PATTERNS = [
@@ -78,27 +85,45 @@ def stream_facts(config: Dict[str, Any], shapes: Dict[str, Tuple[int, ...]]) -> 
     layout comes from ``config["multistream"]`` (our folders) or, for checkpoints
     written by the reference code, from how it names its classes: §5-6
     ``Qwen*ForMultiStream`` are blocks models, §7 ``Qwen3ForCausalLM`` with
-    ``num_channels`` is a rows model.  A plain base model gets a blocks spec.
+    ``num_channels`` is a rows model.  A plain base model gets a blocks spec, except
+    Qwen3.5 (§7 ``StreamQwen3_5ForCausalLM``), which is always a rows model: its
+    DeltaNet state runs row by row.  Qwen3.5 configs may nest a ``text_config``; their
+    DeltaNet modes default to the reference code's (block_causal / column, §5).
     """
     shape = shapes.get(CHANNEL_KEY) or shapes.get(
         CHANNEL_KEY.replace("model.", "model.language_model.")
     )
+    text = config.get("text_config") or {}
+    num_channels = config.get("num_channels", text.get("num_channels"))
+    hybrid = str(config.get("model_type", "")).startswith("qwen3_5")
     ms = dict(config.get("multistream") or {})
     archs = " ".join(config.get("architectures") or [])
     if "layout" not in ms:
-        rows = "ForMultiStream" not in archs and "num_channels" in config
+        rows = hybrid or ("ForMultiStream" not in archs and num_channels is not None)
         ms["layout"] = ROWS if rows else BLOCKS
     if shape is not None:
         n = shape[0]
-    elif "num_channels" in config:
-        n = int(config["num_channels"])
+    elif num_channels is not None:
+        n = int(num_channels)
     else:
-        n = len(ms.get("channel_names") or []) or 3
+        # a base model: the paper's 10 channels for rows (§7), 3 streams for blocks
+        n = len(ms.get("channel_names") or []) or (10 if ms["layout"] == ROWS else 3)
     if "channel_names" not in ms:
         base = rows_spec(n) if ms["layout"] == ROWS else blocks_spec(n)
         ms = {**base.to_config(), **ms}
     StreamSpec.from_config(ms, n)  # validate now: one clear error at load time
-    return {"num_channels": n, "multistream": ms}
+    facts = {"num_channels": n, "multistream": ms}
+    if hybrid:
+        for key, default in DELTANET_DEFAULTS.items():
+            facts[key] = config.get(key, text.get(key))
+            if facts[key] is None:
+                facts[key] = default
+                if key == "deltanet_block_causal":  # sec7 §10 pitfall 3
+                    print(
+                        f"[WARNING] config.json has no {key}; using the reference "
+                        f"code's default {default!r} (Stream-27B used 'column')."
+                    )
+    return facts
 
 
 def load_model(
@@ -134,6 +159,7 @@ def load(
     lazy: bool = False,
     revision: Optional[str] = None,
     tokenizer_config: Optional[dict] = None,
+    adapter_path: Optional[str] = None,
 ):
     """Load a multi-stream model and its tokenizer.
 
@@ -143,12 +169,19 @@ def load(
         lazy: leave weights unevaluated until first use.
         revision: Hub revision (branch, tag or commit).
         tokenizer_config: extra arguments for the tokenizer.
+        adapter_path: a folder written by ``mstream-mlx lora``; its adapters (and
+            channel embedding) are applied, unfused.
 
     Returns:
         ``(model, tokenizer)``; ``model.streams`` is the :class:`StreamSpec`.
     """
     model_path = resolve_model_path(path_or_repo, revision)
     model, config = load_model(model_path, lazy)
+    if adapter_path is not None:
+        from .tuner.adapters import load_adapters
+
+        load_adapters(model, adapter_path)
+        model.eval()
     tokenizer = load_tokenizer(
         model_path, tokenizer_config, eos_token_ids=config.get("eos_token_id")
     )
