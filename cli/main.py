@@ -28,6 +28,10 @@ def version():
     typer.echo(__version__)
 
 
+from . import generate as _generate  # noqa: E402
+
+app.command("generate")(_generate.generate_command)
+
 from . import convert as _convert  # noqa: E402
 
 app.command("convert")(_convert.convert)

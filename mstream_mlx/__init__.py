@@ -2,6 +2,10 @@
 """mstream-mlx: multi-stream LLMs (Su, Yang, Li, Geiping 2026) on MLX."""
 
 from .cache import load_prompt_cache, save_prompt_cache
+from .generate import generate, stream_generate
+from .sample import SamplingSettings
+from .schedules import BlocksOptions, RowsOptions
+from .session import Session, StepEvent
 from .streams import (
     Block,
     ChatTokens,

@@ -1,0 +1,475 @@
+# Copyright © 2026 mstream-mlx contributors.
+"""``mstream-mlx generate``: run a multi-stream model on a prompt and print every stream
+live (columns or interleaved lines, a colour per stream) or as JSON lines."""
+
+import json
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import typer
+
+FORMATS = ("text", "jsonl")
+DISPLAYS = ("columns", "lines")
+SAMPLERS = ("reference", "mlx")
+# the reference demo's colours (sec7 §7.3): user blue, output green, the rest cyan/yellow
+COLOURS = ("green", "cyan", "yellow", "magenta", "red")
+SAMPLING_KEYS = (
+    "temp",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "seed",
+)
+
+
+def default_model_path() -> Path:
+    """The bundled default model folder (``mstream_mlx/assets/default_model``).
+
+    Raises:
+        ValueError: when no default model is bundled.
+    """
+    import mstream_mlx
+
+    path = Path(mstream_mlx.__file__).parent / "assets" / "default_model"
+    if not path.exists():
+        raise ValueError(
+            f"No --model given and no bundled default model at {path}; pass --model "
+            "PATH_OR_HUB_ID."
+        )
+    return path
+
+
+def _parse_pairs(text: str, what: str) -> Dict[str, str]:
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        if "=" not in part:
+            raise ValueError(f"{what}: expected key=value, got {part!r}.")
+        k, v = part.split("=", 1)
+        out[k.strip().replace("-", "_")] = v.strip()
+    return out
+
+
+def _stream_configs(items: List[str], base, caps):
+    """``NAME:key=value,...`` -> per-stream SamplingSettings and max_tokens."""
+    sampling, max_tokens = {"*": base}, {"*": caps}
+    for item in items:
+        if ":" not in item:
+            raise ValueError(
+                f"--stream-config: expected NAME:key=value,..., got {item!r}."
+            )
+        name, rest = item.split(":", 1)
+        pairs = _parse_pairs(rest, "--stream-config")
+        if "max_tokens" in pairs:
+            max_tokens[name.strip()] = int(pairs.pop("max_tokens"))
+        bad = [k for k in pairs if k not in SAMPLING_KEYS]
+        if bad:
+            raise ValueError(
+                f"--stream-config: unknown key {bad[0]!r}; use {', '.join(SAMPLING_KEYS)} "
+                "or max_tokens."
+            )
+        typed = {
+            k: (int(v) if k in ("top_k", "seed") else float(v))
+            for k, v in pairs.items()
+        }
+        sampling[name.strip()] = base.with_(**typed)
+    return sampling, max_tokens
+
+
+def _stop_tokens(items: List[str]):
+    if not items:
+        return None
+    out: Dict[str, list] = {}
+    for item in items:
+        stream, tok = (
+            item.split("=", 1)
+            if "=" in item and not item.startswith("=")
+            else ("*", item)
+        )
+        out.setdefault(stream.strip(), []).append(int(tok) if tok.isdigit() else tok)
+    return out
+
+
+def _interrupts(items: List[str]) -> Dict[int, str]:
+    out = {}
+    for item in items:
+        t, sep, text = item.partition(":")
+        if not sep or not t.strip().isdigit() or not text.strip():
+            raise ValueError(
+                f"--interrupt: expected T:TEXT (T = event index), got {item!r}."
+            )
+        out[int(t)] = text
+    return out
+
+
+class _Printer:
+    """Live text output: one column per stream, or interleaved ``Name: text`` lines."""
+
+    def __init__(self, session, shown: List[str], display: str, colour: bool):
+        self.s = session
+        self.shown = shown
+        self.display = display
+        self.colour = colour
+        spec = session.spec
+        self.styles = {}
+        k = 0
+        for c, name in enumerate(spec.names):
+            if c in spec.inputs:
+                self.styles[name] = dict(fg="blue", bold=True)
+            else:
+                self.styles[name] = dict(fg=COLOURS[k % len(COLOURS)], bold=k == 0)
+                k += 1
+        self.width = {n: max(len(n), 10) for n in shown}
+        self.last = None
+
+    def style(self, text: str, name: str, dim: bool = False) -> str:
+        if not self.colour:
+            return text
+        return typer.style(text, dim=dim, **self.styles[name])
+
+    def header(self):
+        if self.display == "columns":
+            cells = [
+                self.style(n.center(self.width[n])[: self.width[n]], n)
+                for n in self.shown
+            ]
+            typer.echo("  t | " + " | ".join(cells))
+
+    def event(self, ev):
+        if self.display == "columns":
+            if all(ev.tokens[n] is None for n in self.shown):
+                return
+            sil = self.s.spec.silence_token
+            cells = []
+            for n in self.shown:
+                tok = ev.tokens[n]
+                word = (
+                    ""
+                    if tok is None
+                    else (
+                        "-"
+                        if tok == sil
+                        else self.s.tokenizer.decode([tok]).strip() or "-"
+                    )
+                )
+                w = self.width[n]
+                cells.append(self.style(word[:w].center(w), n, dim=tok in (None, sil)))
+            typer.echo(f"{ev.t:3d} | " + " | ".join(cells))
+            return
+        for n in self.shown:
+            delta = ev.text[n]
+            if not delta:
+                continue
+            if n != self.last and len(self.shown) > 1:  # a tag where the stream changes
+                sep = "" if self.last is None else " "
+                sys.stdout.write(sep + self.style(f"[{n}]", n, dim=True) + " ")
+                delta = delta.lstrip(" ")
+            self.last = n
+            sys.stdout.write(self.style(delta, n))
+        sys.stdout.flush()
+
+    def end(self):
+        if self.display == "lines" and self.last is not None:
+            typer.echo()
+
+
+def generate_command(
+    model: Optional[str] = typer.Option(
+        None, "--model", help="Model folder or Hub id (default: the bundled model)."
+    ),
+    prompt: Optional[str] = typer.Option(
+        None, "--prompt", "-p", help="Text for the main input stream ('-' reads stdin)."
+    ),
+    system_prompt: Optional[str] = typer.Option(
+        None,
+        "--system-prompt",
+        help="Blocks: the system block; rows: read first on the user stream (reference).",
+    ),
+    max_tokens: Optional[int] = typer.Option(
+        None,
+        "--max-tokens",
+        "-m",
+        help="Per output stream: blocks 256 by default; rows: non-silence tokens, no limit.",
+    ),
+    max_steps: Optional[int] = typer.Option(
+        None, "--max-steps", help="Decode timesteps (rows: max_rows 200; blocks: 4096)."
+    ),
+    temp: float = typer.Option(
+        0.0, "--temp", help="Sampling temperature (0 = greedy)."
+    ),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass."),
+    top_k: int = typer.Option(0, "--top-k", help="Keep the k best tokens (0 = off)."),
+    min_p: float = typer.Option(
+        0.0, "--min-p", help="Min-p (mlx: relative; reference blocks: absolute)."
+    ),
+    min_tokens_to_keep: int = typer.Option(
+        1, "--min-tokens-to-keep", help="Min-p keeps at least this many (mlx)."
+    ),
+    repetition_penalty: float = typer.Option(
+        0.0,
+        "--repetition-penalty",
+        help="mlx-lm repetition penalty per stream (0 = off).",
+    ),
+    repetition_context_size: int = typer.Option(
+        20,
+        "--repetition-context-size",
+        help="Tokens the repetition penalty looks back.",
+    ),
+    presence_penalty: float = typer.Option(
+        0.0, "--presence-penalty", help="Additive penalty on a stream's earlier tokens."
+    ),
+    presence_context_size: int = typer.Option(
+        20,
+        "--presence-context-size",
+        help="Tokens the presence penalty looks back (mlx/rows).",
+    ),
+    sampler: str = typer.Option(
+        "reference",
+        "--sampler",
+        help="reference (the layout's reference token selection) or mlx.",
+    ),
+    stream_config: List[str] = typer.Option(
+        [],
+        "--stream-config",
+        help="Per-stream settings, repeatable: NAME:temp=0.7,top_k=20,max_tokens=50,seed=1.",
+    ),
+    seed: Optional[int] = typer.Option(
+        None, "--seed", help="Seed of the MLX random generator."
+    ),
+    stop_token: List[str] = typer.Option(
+        [],
+        "--stop-token",
+        help="[STREAM=]TOKEN ending a stream, repeatable (blocks default <|im_end|>).",
+    ),
+    max_kv_size: Optional[int] = typer.Option(
+        None,
+        "--max-kv-size",
+        help="Most cached tokens; reaching it ends the run ('length').",
+    ),
+    prompt_cache_file: Optional[str] = typer.Option(
+        None,
+        "--prompt-cache-file",
+        help="Prompt cache (.safetensors): reused if it exists, else written (system part).",
+    ),
+    prefill_step_size: int = typer.Option(
+        2048, "--prefill-step-size", help="Tokens per prefill chunk."
+    ),
+    streams: Optional[str] = typer.Option(
+        None,
+        "--streams",
+        help="Comma-separated streams to show (default: all but system).",
+    ),
+    fmt: str = typer.Option(
+        "text", "--format", help="text or jsonl (one JSON object per timestep)."
+    ),
+    display: Optional[str] = typer.Option(
+        None,
+        "--display",
+        help="columns (side by side) or lines (interleaved); default columns, lines for one stream.",
+    ),
+    no_color: bool = typer.Option(False, "--no-color", help="No ANSI colours."),
+    interrupt: List[str] = typer.Option(
+        [],
+        "--interrupt",
+        help="T:TEXT feeds TEXT to the main input after event T, repeatable.",
+    ),
+    record_logits: bool = typer.Option(
+        False, "--record-logits", help="jsonl: add entropy, top-1 prob and id."
+    ),
+    no_pipeline: bool = typer.Option(
+        False, "--no-pipeline", help="No async double-buffering."
+    ),
+    # rows (sec7 §7.2)
+    interactive: bool = typer.Option(
+        False, "--interactive", help="Rows: interactive mode (never stops on silence)."
+    ),
+    pre_think: int = typer.Option(
+        1, "--pre-think", help="Rows: thinking rows before the user's first token."
+    ),
+    silence_penalty: float = typer.Option(
+        10.0, "--silence-penalty", help="Rows: ramped penalty on Output's silence."
+    ),
+    think_silence_penalty: float = typer.Option(
+        0.0, "--think-silence-penalty", help="Rows: the same on thinking streams."
+    ),
+    silence_penalty_during_user_talk: bool = typer.Option(
+        False,
+        "--silence-penalty-during-user-talk",
+        help="Rows: ramp from pre_think, not from the user's last token.",
+    ),
+    silence_exit: Optional[int] = typer.Option(
+        None,
+        "--silence-exit",
+        help="Rows: all-silent rows in a row that end the run (default 1; interactive: never).",
+    ),
+    ablate: Optional[str] = typer.Option(
+        None, "--ablate", help="Rows: comma-separated streams forced silent."
+    ),
+    skip_silence: bool = typer.Option(
+        False, "--skip-silence", help="Rows: never attend to silence keys."
+    ),
+    prefill_rows: Optional[Path] = typer.Option(
+        None,
+        "--prefill-rows",
+        help="Rows: JSON table [rows][streams] of ids or words prefilled as header rows.",
+    ),
+    seed_words: Optional[str] = typer.Option(
+        None, "--seed-words", help="Rows: comma-separated seed-row words."
+    ),
+    keep_sampled_user: bool = typer.Option(
+        False,
+        "--keep-sampled-user",
+        help="Rows, interactive + prefill rows: the reference's sampled-user quirk.",
+    ),
+    # blocks (sec5 §7)
+    head_prefill: List[str] = typer.Option(
+        [],
+        "--head-prefill",
+        help="Blocks: text after 'assistant\\n' for each head, repeatable in head order.",
+    ),
+    no_stop_all: bool = typer.Option(
+        False,
+        "--no-stop-all",
+        help="Blocks: the last head's <|im_end|> does not stop the other heads.",
+    ),
+    allow_same_step_visible: bool = typer.Option(
+        False,
+        "--allow-same-step-visible",
+        help="Blocks: decode queries see tokens fed before them in the step.",
+    ),
+):
+    """Generate from a multi-stream model, printing every stream as it is written."""
+    try:
+        _run(locals())
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        typer.echo(f"Error: {msg}", err=True)
+        raise typer.Exit(1)
+
+
+def _run(a: dict):
+    if a["fmt"] not in FORMATS:
+        raise ValueError(
+            f"--format must be one of {', '.join(FORMATS)}, got {a['fmt']!r}."
+        )
+    if a["display"] is not None and a["display"] not in DISPLAYS:
+        raise ValueError(
+            f"--display must be one of {', '.join(DISPLAYS)}, got {a['display']!r}."
+        )
+    if a["sampler"] not in SAMPLERS:
+        raise ValueError(
+            f"--sampler must be one of {', '.join(SAMPLERS)}, got {a['sampler']!r}."
+        )
+    prompt = a["prompt"]
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    interrupts = _interrupts(a["interrupt"])
+    if prompt is not None and not prompt.strip():
+        raise ValueError("--prompt is empty.")
+    if prompt is None and not interrupts and not a["interactive"]:
+        raise ValueError("Nothing to read: pass --prompt TEXT ('-' reads stdin).")
+
+    import mlx.core as mx
+
+    import mstream_mlx
+    from mstream_mlx.generate import feed_prompt, main_input, print_summary
+    from mstream_mlx.sample import SamplingSettings
+    from mstream_mlx.schedules import SEED_WORDS, BlocksOptions, RowsOptions
+    from mstream_mlx.session import Session
+    from mstream_mlx.streams import BLOCKS
+
+    if a["seed"] is not None:
+        mx.random.seed(a["seed"])
+    model_path = a["model"] or str(default_model_path())
+    model, tokenizer = mstream_mlx.load(model_path)
+    spec = model.streams
+    blocks = spec.layout == BLOCKS
+    method = a["sampler"] if a["sampler"] == "mlx" else ("blocks" if blocks else "rows")
+    base = SamplingSettings(
+        temp=a["temp"],
+        top_p=a["top_p"],
+        top_k=a["top_k"],
+        min_p=a["min_p"],
+        min_tokens_to_keep=a["min_tokens_to_keep"],
+        repetition_penalty=a["repetition_penalty"],
+        repetition_context_size=a["repetition_context_size"],
+        presence_penalty=a["presence_penalty"],
+        presence_context_size=a["presence_context_size"],
+        method=method,
+    )
+    sampling, max_tokens = _stream_configs(a["stream_config"], base, a["max_tokens"])
+    kwargs = dict(
+        sampling=sampling,
+        stop_tokens=_stop_tokens(a["stop_token"]),
+        max_steps=a["max_steps"],
+        max_kv_size=a["max_kv_size"],
+        prompt_cache_file=a["prompt_cache_file"],
+        prefill_step_size=a["prefill_step_size"],
+        record_logits=a["record_logits"],
+        pipeline=False if a["no_pipeline"] else None,
+    )
+    if max_tokens != {"*": None}:
+        kwargs["max_tokens"] = max_tokens if len(max_tokens) > 1 else max_tokens["*"]
+    if blocks:
+        kwargs["blocks"] = BlocksOptions(
+            head_prefill=a["head_prefill"],
+            close_user=not interrupts,  # with interrupts the CLI closes after the last one
+            stop_all_on_last_head=not a["no_stop_all"],
+            allow_same_step_visible=a["allow_same_step_visible"],
+        )
+    else:
+        table = json.loads(a["prefill_rows"].read_text()) if a["prefill_rows"] else None
+        words = (
+            [" " + w.strip() for w in a["seed_words"].split(",")]
+            if a["seed_words"]
+            else SEED_WORDS
+        )
+        kwargs["rows"] = RowsOptions(
+            pre_think=a["pre_think"],
+            prefill_rows=table,
+            seed_words=words,
+            silence_penalty=a["silence_penalty"],
+            think_silence_penalty=a["think_silence_penalty"],
+            silence_penalty_during_user_talk=a["silence_penalty_during_user_talk"],
+            silence_exit=a["silence_exit"],
+            ablate=[s.strip() for s in a["ablate"].split(",")] if a["ablate"] else (),
+            skip_silence=a["skip_silence"],
+            keep_sampled_user=a["keep_sampled_user"],
+        )
+        kwargs["interactive"] = True if a["interactive"] else None
+    session = Session(model, tokenizer, **kwargs)
+    if a["streams"]:
+        shown = [
+            spec.names[spec.index(s.strip())]
+            for s in a["streams"].split(",")
+            if s.strip()
+        ]
+    else:
+        shown = [n for c, n in enumerate(spec.names) if not (blocks and c == 0)]
+    feed_prompt(session, prompt, a["system_prompt"])
+    display = a["display"] or ("lines" if len(shown) == 1 else "columns")
+    colour = not a["no_color"] and sys.stdout.isatty()
+    printer = _Printer(session, shown, display, colour)
+    text = a["fmt"] == "text"
+    if text:
+        typer.echo("=" * 10)
+        printer.header()
+    event = None
+    last_interrupt = max(interrupts) if interrupts else None
+    for event in session:
+        if text:
+            printer.event(event)
+        else:
+            typer.echo(event.to_json(shown))
+        if event.t in interrupts and not session.done:
+            session.feed(main_input(spec), interrupts[event.t])
+            if blocks and event.t == last_interrupt:
+                session.close()
+    if text:
+        printer.end()
+        typer.echo("=" * 10)
+    if event is not None:
+        print_summary(event)
