@@ -286,14 +286,20 @@ def generate_command(
     interactive: bool = typer.Option(
         False, "--interactive", help="Rows: interactive mode (never stops on silence)."
     ),
-    pre_think: int = typer.Option(
-        1, "--pre-think", help="Rows: thinking rows before the user's first token."
+    pre_think: Optional[int] = typer.Option(
+        None,
+        "--pre-think",
+        help="Rows: thinking rows before the user's first token (default: the model's, else 1).",
     ),
-    silence_penalty: float = typer.Option(
-        10.0, "--silence-penalty", help="Rows: ramped penalty on Output's silence."
+    silence_penalty: Optional[float] = typer.Option(
+        None,
+        "--silence-penalty",
+        help="Rows: ramped penalty on Output's silence (default: the model's, else 10).",
     ),
-    think_silence_penalty: float = typer.Option(
-        0.0, "--think-silence-penalty", help="Rows: the same on thinking streams."
+    think_silence_penalty: Optional[float] = typer.Option(
+        None,
+        "--think-silence-penalty",
+        help="Rows: the same on thinking streams (default: the model's, else 0).",
     ),
     silence_penalty_during_user_talk: bool = typer.Option(
         False,
@@ -377,7 +383,7 @@ def _run(a: dict):
     import mstream_mlx
     from mstream_mlx.generate import feed_prompt, main_input, print_summary
     from mstream_mlx.sample import SamplingSettings
-    from mstream_mlx.schedules import SEED_WORDS, BlocksOptions, RowsOptions
+    from mstream_mlx.schedules import BlocksOptions, RowsOptions
     from mstream_mlx.session import Session
     from mstream_mlx.streams import BLOCKS
 
@@ -425,19 +431,20 @@ def _run(a: dict):
         words = (
             [" " + w.strip() for w in a["seed_words"].split(",")]
             if a["seed_words"]
-            else SEED_WORDS
+            else None
         )
-        kwargs["rows"] = RowsOptions(
+        kwargs["rows"] = RowsOptions.for_model(
+            model,
             pre_think=a["pre_think"],
             prefill_rows=table,
             seed_words=words,
             silence_penalty=a["silence_penalty"],
             think_silence_penalty=a["think_silence_penalty"],
-            silence_penalty_during_user_talk=a["silence_penalty_during_user_talk"],
+            silence_penalty_during_user_talk=a["silence_penalty_during_user_talk"] or None,
             silence_exit=a["silence_exit"],
-            ablate=[s.strip() for s in a["ablate"].split(",")] if a["ablate"] else (),
-            skip_silence=a["skip_silence"],
-            keep_sampled_user=a["keep_sampled_user"],
+            ablate=[s.strip() for s in a["ablate"].split(",")] if a["ablate"] else None,
+            skip_silence=a["skip_silence"] or None,
+            keep_sampled_user=a["keep_sampled_user"] or None,
         )
         kwargs["interactive"] = True if a["interactive"] else None
     session = Session(model, tokenizer, **kwargs)

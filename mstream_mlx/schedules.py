@@ -86,6 +86,14 @@ class RowsOptions:
     skip_silence: bool = False
     keep_sampled_user: bool = False
 
+    @classmethod
+    def for_model(cls, model, **overrides) -> "RowsOptions":
+        """Defaults, then the model folder's ``multistream.rows_options`` (a model
+        trained without silence penalties says so there), then non-None overrides."""
+        saved = (model.args.multistream or {}).get("rows_options", {})
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return cls(**{**saved, **given})
+
     def __post_init__(self):
         if self.pre_think < 0:
             raise ValueError(f"pre_think must be >= 0, got {self.pre_think}.")

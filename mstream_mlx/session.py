@@ -244,7 +244,7 @@ class Session:
             self.schedule = RowsSchedule(
                 spec,
                 tokenizer,
-                rows or RowsOptions(),
+                rows or RowsOptions.for_model(model),
                 max_steps=DEFAULT_MAX_ROWS if max_steps is None else max_steps,
                 max_tokens=caps,
                 stop_tokens=stops,

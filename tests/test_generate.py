@@ -881,3 +881,19 @@ def test_cli_errors_are_one_line(rows10, args, msg):
 def test_cli_without_model_names_the_default_path():
     res = CliRunner().invoke(app, ["generate", "-p", "hi"])
     assert res.exit_code == 1 and "default model" in res.stderr
+
+
+def test_rows_options_come_from_the_model_folder_then_overrides():
+    from types import SimpleNamespace
+
+    from mstream_mlx.schedules import RowsOptions
+
+    model = SimpleNamespace(
+        args=SimpleNamespace(multistream={"rows_options": {"silence_penalty": 0.0, "seed_words": []}})
+    )
+    opts = RowsOptions.for_model(model)
+    assert opts.silence_penalty == 0.0 and list(opts.seed_words) == [] and opts.pre_think == 1
+    opts = RowsOptions.for_model(model, silence_penalty=3.0, pre_think=None)
+    assert opts.silence_penalty == 3.0 and opts.pre_think == 1
+    plain = SimpleNamespace(args=SimpleNamespace(multistream=None))
+    assert RowsOptions.for_model(plain) == RowsOptions()
