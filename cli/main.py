@@ -37,6 +37,11 @@ from . import convert as _convert  # noqa: E402
 app.command("convert")(_convert.convert)
 app.command("export")(_convert.export)
 
+from . import fuse as _fuse, lora as _lora  # noqa: E402
+
+app.command("lora")(_lora.lora)
+app.command("fuse")(_fuse.fuse)
+
 
 def _prefer_openblas():
     """Re-exec once with Debian's OpenBLAS preloaded (Linux only).

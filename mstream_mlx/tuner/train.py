@@ -1,0 +1,578 @@
+# Copyright © 2026 mstream-mlx contributors.
+"""``mstream-mlx lora``: LoRA, DoRA, QLoRA and full fine-tuning on multi-stream data.
+
+This is glue around mlx-lm's tuner, not a second training loop: ``trainer.train`` and
+``trainer.evaluate`` run with our ``loss=`` (:class:`.losses.StreamLoss`) and
+``iterate_batches=`` (:class:`.batching.BatchIterator`); mlx-lm compiles the step,
+accumulates gradients and checkpoints layers.  Around it we add what mlx-lm's loop
+does not do: atomic saves that include the optimizer state, and a data order and
+random state that depend on the step only, so a resumed run continues exactly.
+"""
+
+import contextlib
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import mlx.core as mx
+import mlx.optimizers as optim
+import numpy as np
+from mlx_lm.tuner import trainer as lm_trainer
+from mlx_lm.tuner.callbacks import TrainingCallback
+from mlx_lm.tuner.utils import build_schedule, print_trainable_parameters
+
+from ..streams import BLOCKS
+from .adapters import (
+    ADAPTER_FILE,
+    CONFIG_FILE,
+    FINE_TUNE_TYPES,
+    check_lora_parameters,
+    load_adapter_weights,
+    load_adapters,
+    load_training_state,
+    prepare_model,
+    save_checkpoint,
+    write_json,
+)
+from .batching import DEFAULT_PAD_TO, BatchIterator
+from .datasets import DEFAULT_SYSTEM, DataOptions, load_datasets
+from .losses import LongCE, StreamLoss
+
+OPTIMIZERS = {
+    "adam": optim.Adam,
+    "adamw": optim.AdamW,
+    "sgd": optim.SGD,
+    "adafactor": optim.Adafactor,
+    "muon": optim.Muon,
+}
+
+
+@dataclass
+class LoraArgs:
+    """Every setting of ``mstream-mlx lora`` (flag, YAML key and default in one place;
+    flags > YAML > these defaults, as in ``mlx_lm.lora``)."""
+
+    model: Optional[str] = None  # MLX model folder or Hub id
+    train: bool = False
+    test: bool = False
+    data: str = "data"  # folder with train.jsonl / valid.jsonl / test.jsonl
+    fine_tune_type: str = "lora"  # lora | dora | full
+    num_layers: int = 16  # last N layers get adapters (-1: all)
+    lora_parameters: Dict[str, Any] = field(
+        default_factory=lambda: {"rank": 8, "dropout": 0.0, "scale": 20.0}
+    )
+    optimizer: str = "adamw"
+    optimizer_config: Dict[str, Any] = field(default_factory=dict)  # {adamw: {...}}
+    learning_rate: float = 1e-5
+    lr_schedule: Any = "cosine"  # cosine | constant | an mlx-lm schedule dict
+    warmup: Optional[int] = None  # warmup steps (default: 5% of iters)
+    batch_size: int = 4
+    iters: int = 1000
+    grad_accumulation_steps: int = 1
+    grad_checkpoint: bool = False
+    max_seq_length: int = 2048
+    val_batches: int = 25  # -1: the whole validation set
+    test_batches: int = 500
+    steps_per_report: int = 10
+    steps_per_eval: int = 200
+    save_every: int = 100
+    adapter_path: str = "adapters"
+    resume_adapter_file: Optional[str] = None
+    seed: int = 0
+    clear_cache_threshold: int = 0
+    pad_to: int = DEFAULT_PAD_TO
+    # multi-stream data and loss
+    wait_k: int = 0  # converted formats: assistant starts K timesteps after the user
+    auditor_wait: Optional[int] = None  # the auditor's delay (default: wait_k)
+    system_prompt: str = DEFAULT_SYSTEM  # blocks examples without a system message
+    skip_invalid: bool = False
+    stream_weights: Dict[str, float] = field(default_factory=dict)  # {Output: 2.0}
+    long_ce: bool = False
+    long_ce_gamma: float = 3.0
+    long_ce_clamp: bool = False
+    long_ce_normalize: bool = True
+
+    def check(self):
+        """Raise one ``ValueError`` for the first inconsistent setting."""
+        if self.model is None:
+            raise ValueError(
+                "No model given: pass --model (or 'model:' in the config)."
+            )
+        if not (self.train or self.test):
+            raise ValueError("Nothing to do: pass --train and/or --test.")
+        if self.fine_tune_type not in FINE_TUNE_TYPES:
+            raise ValueError(
+                f"Unknown fine-tune type {self.fine_tune_type!r}; expected "
+                f"{', '.join(FINE_TUNE_TYPES)}."
+            )
+        if self.optimizer.lower() not in OPTIMIZERS:
+            raise ValueError(
+                f"Unknown optimizer {self.optimizer!r}; expected {', '.join(OPTIMIZERS)}."
+            )
+        for name in (
+            "batch_size",
+            "iters",
+            "grad_accumulation_steps",
+            "save_every",
+            "steps_per_report",
+            "steps_per_eval",
+            "max_seq_length",
+            "pad_to",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.save_every % self.grad_accumulation_steps:
+            raise ValueError(
+                f"save_every ({self.save_every}) must be a multiple of "
+                f"grad_accumulation_steps ({self.grad_accumulation_steps}), so every "
+                "checkpoint falls after an optimizer update and resumes exactly."
+            )
+        for name in ("wait_k", "auditor_wait"):
+            v = getattr(self, name)
+            if v is not None and v < 0:
+                raise ValueError(f"{name} must be >= 0, got {v}.")
+        if self.fine_tune_type != "full":
+            check_lora_parameters(self.lora_parameters)  # before the slow model load
+
+
+def _coerce(f: dataclasses.Field, value):
+    # YAML reads "1e-5" as a string; numbers arrive as the field's type.
+    kind = f.type if isinstance(f.type, type) else None
+    if kind in (int, float) and isinstance(value, str):
+        return kind(float(value)) if kind is int else kind(value)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+LORA_FLAGS = {
+    "lora_rank": "rank",
+    "lora_scale": "scale",
+    "lora_dropout": "dropout",
+    "lora_keys": "keys",
+}
+
+
+def resolve_args(flags: Dict[str, Any], config: Optional[str] = None) -> LoraArgs:
+    """Merge command-line flags (None = not given) over a YAML file over defaults.
+
+    ``lora_rank``/``lora_scale``/``lora_dropout``/``lora_keys`` flags override single
+    entries of ``lora_parameters``.
+    """
+    fields = {f.name: f for f in dataclasses.fields(LoraArgs)}
+    merged: Dict[str, Any] = {}
+    if config:
+        import yaml
+
+        path = Path(config)
+        if not path.is_file():
+            raise FileNotFoundError(f"No config file at {config}.")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{config} must hold a YAML mapping of settings.")
+        unknown = sorted(set(loaded) - set(fields))
+        if unknown:
+            raise ValueError(
+                f"Unknown setting(s) in {config}: {', '.join(unknown)}. Valid keys are "
+                f"the lora flags with '_' for '-' (e.g. batch_size)."
+            )
+        merged.update(loaded)
+    flags = dict(flags)
+    lora_flags = {LORA_FLAGS[k]: flags.pop(k) for k in list(flags) if k in LORA_FLAGS}
+    merged.update({k: v for k, v in flags.items() if v is not None})
+    lora = merged.get("lora_parameters")
+    if lora is not None and not isinstance(lora, dict):
+        raise ValueError(
+            "lora_parameters must be a mapping (rank, scale, dropout, keys)."
+        )
+    lora = dict(lora or {})
+    lora.update({k: v for k, v in lora_flags.items() if v is not None})
+    if "scale" not in lora and "alpha" not in lora:
+        lora["scale"] = LoraArgs().lora_parameters["scale"]
+    merged["lora_parameters"] = {"rank": 8, "dropout": 0.0, **lora}
+    args = LoraArgs(**{k: _coerce(fields[k], v) for k, v in merged.items()})
+    return args
+
+
+def build_optimizer(args: LoraArgs):
+    """AdamW (or another mlx optimizer) on mlx-lm's ``build_schedule``: linear warmup
+    then cosine decay to 0 over the remaining steps by default."""
+    lr = args.learning_rate
+    sched = args.lr_schedule
+    warmup = args.warmup if args.warmup is not None else args.iters // 20
+    if isinstance(sched, dict):
+        lr = build_schedule(sched)
+    elif sched == "cosine":
+        lr = build_schedule(
+            {
+                "name": "cosine_decay",
+                "arguments": [lr, max(1, args.iters - warmup), 0.0],
+                "warmup": warmup,
+            }
+        )
+    elif sched == "constant":
+        if warmup:
+            lr = build_schedule(
+                {"name": "linear_schedule", "arguments": [lr, lr, 1], "warmup": warmup}
+            )
+    else:
+        raise ValueError(
+            f"Unknown lr_schedule {sched!r}; expected cosine, constant or an mlx-lm "
+            "schedule mapping {name, arguments, warmup}."
+        )
+    name = args.optimizer.lower()
+    return OPTIMIZERS[name](learning_rate=lr, **args.optimizer_config.get(name, {}))
+
+
+class Progress(TrainingCallback):
+    """Progress for mlx-lm's ``train``: stands in for its ``TrainUI`` (same methods)
+    and is its training callback, so a report line can carry loss, lr, it/s,
+    tokens/s (all tokens fed, not only supervised ones), peak memory and ETA, with
+    global step numbers on a resumed run.  A rich bar on a terminal, plain lines
+    otherwise."""
+
+    def __init__(
+        self,
+        total: int,
+        start: int = 0,
+        tokens: Callable[[], int] = lambda: 0,
+        log=print,
+        rich: Optional[bool] = None,
+    ):
+        self.total, self.start, self.tokens, self.log = total, start, tokens, log
+        self.history: List[dict] = []
+        self.val_history: List[dict] = []
+        self._last_tokens = 0
+        self._last_it = 0
+        self._bar = None
+        if rich is None:
+            import sys
+
+            rich = sys.stderr.isatty()
+        if rich:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn
+            from rich.progress import Progress as RichProgress
+            from rich.progress import TextColumn, TimeRemainingColumn
+
+            self._bar = RichProgress(
+                TextColumn("[bold blue]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[status]}"),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+                transient=True,
+            )
+            self._task = self._bar.add_task(
+                "train", total=total, completed=start, status=""
+            )
+            self.log = self._bar.console.print
+
+    # mlx-lm TrainUI interface -------------------------------------------------------
+    def __call__(self, total_iters, rank=0):
+        return self
+
+    def __enter__(self):
+        if self._bar is not None:
+            self._bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._bar is not None:
+            return self._bar.__exit__(*exc)
+
+    def advance(self):
+        if self._bar is not None:
+            self._bar.advance(self._task)
+
+    def report_train(self, it, train_loss, tokens_sec, trained_tokens):
+        pass  # the callback below prints, with more fields
+
+    @contextlib.contextmanager
+    def val_task(self, total):
+        yield lambda: None
+
+    def report_val(self, it, val_loss, val_time):
+        self.log(
+            f"Iter {it - 1 + self.start}: Val loss {val_loss:.3f}, "
+            f"Val took {val_time:.3f}s"
+        )
+
+    def report_save(self, checkpoint):
+        pass
+
+    # TrainingCallback -------------------------------------------------------------
+    def on_train_loss_report(self, info):
+        it = info["iteration"] + self.start
+        steps = info["iteration"] - self._last_it
+        self._last_it = info["iteration"]
+        seconds = steps / info["iterations_per_second"]
+        seen = self.tokens()
+        tok_s = (seen - self._last_tokens) / seconds
+        self._last_tokens = seen
+        eta = (self.total - it) / info["iterations_per_second"]
+        row = {
+            **info,
+            "iteration": it,
+            "tokens_per_second": tok_s,
+            "loss_tokens_per_second": info["tokens_per_second"],
+            "eta": eta,
+        }
+        self.history.append(row)
+        status = (
+            f"loss {info['train_loss']:.3f} · {tok_s:,.0f} tok/s · "
+            f"{info['peak_memory']:.2f} GB"
+        )
+        if self._bar is not None:
+            self._bar.update(self._task, status=status)
+        self.log(
+            f"Iter {it}: Train loss {info['train_loss']:.3f}, "
+            f"Learning Rate {info['learning_rate']:.3e}, "
+            f"It/sec {info['iterations_per_second']:.3f}, Tokens/sec {tok_s:,.1f}, "
+            f"Trained Tokens {info['trained_tokens']}, "
+            f"Peak mem {info['peak_memory']:.3f} GB, ETA {_hms(eta)}"
+        )
+
+    def on_val_loss_report(self, info):
+        self.val_history.append({**info, "iteration": info["iteration"] + self.start})
+
+
+def _hms(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+@contextlib.contextmanager
+def _mlx_lm_ui(ui: Progress):
+    # mlx-lm's train() builds its TrainUI from this module global; swapping it is the
+    # only way to print multi-stream progress without a second loop.
+    saved = lm_trainer.TrainUI
+    lm_trainer.TrainUI = ui
+    try:
+        yield
+    finally:
+        lm_trainer.TrainUI = saved
+
+
+@contextlib.contextmanager
+def _restore_layer_call(model):
+    # mlx-lm's grad_checkpoint patches the layer *class*; undo it after training so
+    # later models of the same class in this process are unaffected.
+    cls = type(model.layers[0])
+    saved = cls.__call__
+    try:
+        yield
+    finally:
+        cls.__call__ = saved
+
+
+@dataclass
+class RunResult:
+    """What :func:`run` did: the report rows, validation and test losses."""
+
+    history: List[dict] = field(default_factory=list)
+    val_history: List[dict] = field(default_factory=list)
+    test_loss: Optional[float] = None
+    adapter_path: Optional[Path] = None
+
+
+def make_loss(model, args: LoraArgs) -> StreamLoss:
+    spec = model.streams
+    long_ce = None
+    if args.long_ce:
+        long_ce = LongCE(args.long_ce_gamma, args.long_ce_clamp, args.long_ce_normalize)
+    # §5.5: the self-only pass keeps the system block (channel 0) visible
+    context = (0,) if spec.layout == BLOCKS else ()
+    return StreamLoss(spec.num_channels, long_ce, context)
+
+
+def adapter_config(args: LoraArgs, model) -> dict:
+    cfg = dataclasses.asdict(args)
+    if args.fine_tune_type == "full":
+        cfg["lora_parameters"] = None
+    spec = model.streams
+    cfg["multistream"] = {**spec.to_config(), "num_channels": spec.num_channels}
+    return cfg
+
+
+def train_model(
+    args: LoraArgs, model, train_set, valid_set=None, log=print, training_callback=None
+) -> RunResult:
+    """Fine-tune ``model`` in place on ``train_set``; write adapters to
+    ``args.adapter_path``.  See :class:`LoraArgs` for the settings."""
+    mx.random.seed(args.seed)
+    prepare_model(model, args.fine_tune_type, args.num_layers, args.lora_parameters)
+    start, opt_state = 0, None
+    if args.resume_adapter_file:
+        log(f"Loading fine-tuned weights from {args.resume_adapter_file}")
+        load_adapter_weights(
+            model, args.resume_adapter_file, args.fine_tune_type == "full"
+        )
+        saved = load_training_state(args.resume_adapter_file)
+        if saved is None:
+            log(
+                "[WARNING] No training_state.safetensors next to it: the optimizer and "
+                "the data order start afresh (weights only, as mlx-lm resumes)."
+            )
+        else:
+            start, opt_state = saved
+            log(f"Resuming at step {start} of {args.iters}.")
+    print_trainable_parameters(model)
+    folder = Path(args.adapter_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / CONFIG_FILE, adapter_config(args, model))
+    optimizer = build_optimizer(args)
+    if opt_state is not None:
+        optimizer.state = opt_state
+    result = RunResult(adapter_path=folder)
+    if start >= args.iters:
+        log(f"Nothing to train: the checkpoint is at step {start} of {args.iters}.")
+        return result
+
+    batches = BatchIterator(seed=args.seed, pad_to=args.pad_to, start_step=start)
+    writer = mx.distributed.init().rank() == 0  # one process writes, as in mlx-lm
+
+    def before_step(done: int):
+        # dropout masks depend on (seed, step) only: a resumed run draws the same ones
+        mx.random.seed(args.seed * 1_000_003 + done)
+        if writer and done > start and done % args.save_every == 0:
+            save_checkpoint(folder, model, step=done, optimizer=optimizer)
+            ui.log(f"Iter {done}: Saved adapter weights to {folder / ADAPTER_FILE}.")
+
+    def iterate(
+        dataset, batch_size, max_seq_length, loop=False, seed=None, comm_group=None
+    ):
+        gen = batches(dataset, batch_size, max_seq_length, loop, seed, comm_group)
+        if not loop:
+            yield from gen
+            return
+        done = start
+        for batch in gen:
+            before_step(done)
+            yield batch
+            done += 1
+
+    ui = Progress(args.iters, start, lambda: batches.tokens_seen, log)
+    callback = ui
+    if training_callback is not None:
+        callback = _Both(ui, training_callback)
+    tmp_file = folder / f".mlx-lm-final-{ADAPTER_FILE}"
+    targs = lm_trainer.TrainingArgs(
+        batch_size=args.batch_size,
+        iters=args.iters - start,
+        val_batches=args.val_batches,
+        steps_per_report=args.steps_per_report,
+        steps_per_eval=args.steps_per_eval,
+        steps_per_save=args.iters + 1,  # we save (atomically, with state) ourselves
+        max_seq_length=args.max_seq_length,
+        adapter_file=str(tmp_file),
+        grad_checkpoint=args.grad_checkpoint,
+        grad_accumulation_steps=args.grad_accumulation_steps,
+        clear_cache_threshold=args.clear_cache_threshold,
+    )
+    try:
+        with _mlx_lm_ui(ui), _restore_layer_call(model):
+            lm_trainer.train(
+                model,
+                optimizer,
+                train_set,
+                valid_set,
+                args=targs,
+                loss=make_loss(model, args),
+                iterate_batches=iterate,
+                training_callback=callback,
+            )
+    finally:
+        tmp_file.unlink(missing_ok=True)
+    if writer:
+        numbered = args.iters % args.save_every == 0
+        save_checkpoint(
+            folder, model, step=args.iters, optimizer=optimizer, numbered=numbered
+        )
+        log(f"Saved final weights to {folder / ADAPTER_FILE}.")
+    result.history, result.val_history = ui.history, ui.val_history
+    return result
+
+
+class _Both(TrainingCallback):
+    def __init__(self, *callbacks):
+        self.callbacks = callbacks
+
+    def on_train_loss_report(self, info):
+        for c in self.callbacks:
+            c.on_train_loss_report(info)
+
+    def on_val_loss_report(self, info):
+        for c in self.callbacks:
+            c.on_val_loss_report(info)
+
+
+def evaluate_model(args: LoraArgs, model, dataset, num_batches: int) -> float:
+    """Mean CE over the output streams of ``dataset`` (Long-CE off in eval mode)."""
+    loss = lm_trainer.evaluate(
+        model,
+        dataset,
+        args.batch_size,
+        num_batches,
+        args.max_seq_length,
+        loss=make_loss(model, args),
+        iterate_batches=BatchIterator(args.seed, args.pad_to),
+    )
+    model.train()
+    return loss
+
+
+def run(args: LoraArgs, log=print, training_callback=None) -> RunResult:
+    """Load the model and data of ``args``, then train and/or test."""
+    from ..utils import load
+
+    args.check()
+    np.random.seed(args.seed)
+    log("Loading pretrained model")
+    model, tokenizer = load(args.model)
+    log("Loading datasets")
+    splits = (["train", "valid"] if args.train else []) + (
+        ["test"] if args.test else []
+    )
+    options = DataOptions(
+        args.wait_k, args.auditor_wait, args.system_prompt, args.skip_invalid
+    )
+    data = load_datasets(
+        args.data,
+        tokenizer,
+        model.streams,
+        model.args.vocab_size,
+        options,
+        args.stream_weights,
+        splits,
+        log,
+    )
+    result = RunResult(adapter_path=Path(args.adapter_path))
+    if args.train:
+        if data["train"] is None:
+            raise FileNotFoundError(f"No train.jsonl in {args.data}.")
+        if data["valid"] is None:
+            log(
+                f"[WARNING] No valid.jsonl in {args.data}: training without validation."
+            )
+        log("Training")
+        result = train_model(
+            args, model, data["train"], data["valid"], log, training_callback
+        )
+    elif Path(args.adapter_path, ADAPTER_FILE).is_file():
+        load_adapters(model, args.adapter_path)
+    else:
+        log(f"No adapters in {args.adapter_path}: testing the base model.")
+    if args.test:
+        if data["test"] is None:
+            raise FileNotFoundError(f"No test.jsonl in {args.data}.")
+        log("Testing")
+        model.eval()
+        result.test_loss = evaluate_model(args, model, data["test"], args.test_batches)
+        log(
+            f"Test loss {result.test_loss:.3f}, Test ppl {math.exp(min(result.test_loss, 50)):.3f}."
+        )
+    return result
