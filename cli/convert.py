@@ -42,7 +42,9 @@ def convert(
         False, "--force", help="Replace an existing --mlx-path."
     ),
     layout: Optional[str] = typer.Option(
-        None, "--layout", help="rows or blocks (base models; default blocks)."
+        None,
+        "--layout",
+        help="rows or blocks (base models; default blocks, Qwen3.5 rows).",
     ),
     num_channels: Optional[int] = typer.Option(
         None, "--num-channels", help="Channels of a new channel table (base models)."

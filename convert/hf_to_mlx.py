@@ -13,6 +13,9 @@ specs):
                                           unused ``gate_in_norm`` weights dropped)
 ``Qwen3/Qwen2ForCausalLM``       blocks*  a plain base model: a new N(0, 0.02) channel
                                           table, stream spec from the flags
+``StreamQwen3_5ForCausalLM``     rows     §7 Stream-27B, hybrid Gated DeltaNet (model_type
+                                          qwen3_5(_moe)(_text); flat or ``text_config``)
+``Qwen3_5(Moe)For...``           rows     a plain Qwen3.5 base model (new channel table)
 ===============================  =======  =============================================
 
 (* ``--layout`` picks; blocks by default.)  The channel count is the channel table's
@@ -20,6 +23,11 @@ row count.  When ``config.json``'s ``num_channels`` disagrees, **the tensor wins
 warning says so: the reference's own configs are unreliable there (its code defaults
 to 5 channels in §5 and 3 in §6 unless the key is written).  A ``--num-channels`` flag
 that disagrees with a trained table is an error (a trained table cannot be resized).
+
+Qwen3.5 weights go through the model's own ``sanitize`` (conv ``[D,1,K]`` ->
+``[D,K,1]``, +1 on exactly the (1+w) norms) and are written in MLX layout, so loading
+the folder does not add the 1 again.  ``config.json`` gets the DeltaNet modes (the
+reference code's defaults, with a warning, when missing); ``A_log`` stays float32.
 """
 
 import json
@@ -30,7 +38,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map_with_path
 
-from mstream_mlx.models import get_model_classes
+from mstream_mlx.models import ALIASES, get_model_classes
 from mstream_mlx.models.qwen3 import CHANNEL_KEY, REFERENCE_ONLY_KEYS
 from mstream_mlx.streams import (
     BLOCKS,
@@ -59,8 +67,13 @@ ARCHITECTURES = {
     "Qwen2ForMultiStream": ("qwen2", BLOCKS),
     "Qwen3ForCausalLM": ("qwen3", None),
     "Qwen2ForCausalLM": ("qwen2", None),
+    "StreamQwen3_5ForCausalLM": ("qwen3_5", ROWS),  # sec7 §8
+    "Qwen3_5ForCausalLM": ("qwen3_5", None),
+    "Qwen3_5ForConditionalGeneration": ("qwen3_5", None),
+    "Qwen3_5MoeForCausalLM": ("qwen3_5", None),
+    "Qwen3_5MoeForConditionalGeneration": ("qwen3_5", None),
 }
-CONVERTIBLE = ("qwen3", "qwen2")  # Qwen3.5: not yet (its sanitize differs)
+CONVERTIBLE = ("qwen3", "qwen2", "qwen3_5")  # model_type after ALIASES
 # (model_type, layout) -> the class name the reference code saves (both specs §8);
 # written into every output config, so a converted base model names its new family.
 REFERENCE_ARCHITECTURES = {
@@ -68,14 +81,8 @@ REFERENCE_ARCHITECTURES = {
     ("qwen2", BLOCKS): "Qwen2ForMultiStream",  # §6
     ("qwen3", ROWS): "Qwen3ForCausalLM",  # §7: a stock class name + num_channels
     ("qwen2", ROWS): "Qwen2ForCausalLM",
+    ("qwen3_5", ROWS): "StreamQwen3_5ForCausalLM",  # every Qwen3.5 variant (sec7 §8)
 }
-QWEN3_5_TYPES = (
-    "qwen3_5",
-    "qwen3_5_text",
-    "qwen3_5_moe",
-    "qwen3_5_moe_text",
-    "qwen3_next",
-)
 
 
 def warn(message: str) -> None:
@@ -130,19 +137,20 @@ def read_config(src: Path) -> dict:
         raise ValueError(f"{f} is not valid JSON ({e}).") from e
 
 
+def text_config(config: dict) -> dict:
+    """The language model's entries (Qwen3.5 VL-style configs nest them)."""
+    return config.get("text_config") or config
+
+
 def detect(config: dict, src: Path) -> Tuple[str, Optional[str], str]:
-    """``(model_type, implied layout or None, architecture)`` from ``config.json``."""
-    model_type = config.get("model_type")
+    """``(model family, implied layout or None, architecture)`` from ``config.json``;
+    the family is the model_type with the Qwen3.5 variants folded into ``qwen3_5``."""
+    model_type = ALIASES.get(config.get("model_type"), config.get("model_type"))
     archs = list(config.get("architectures") or [])
-    if model_type in QWEN3_5_TYPES or any("Qwen3_5" in a for a in archs):
-        raise ValueError(
-            f"{src} is a Qwen3.5 checkpoint (model_type {model_type!r}); the "
-            "converter does not read Qwen3.5 yet (supported: qwen3, qwen2)."
-        )
     if model_type not in CONVERTIBLE:
         raise ValueError(
-            f"Unknown model_type {model_type!r} in {src / 'config.json'}; the converter "
-            f"reads {', '.join(CONVERTIBLE)}."
+            f"Unknown model_type {config.get('model_type')!r} in {src / 'config.json'}; "
+            f"the converter reads {', '.join(CONVERTIBLE)}."
         )
     if config.get("quantization") or config.get("quantization_config"):
         raise ValueError(
@@ -161,7 +169,7 @@ def detect(config: dict, src: Path) -> Tuple[str, Optional[str], str]:
     if arch_type != model_type:
         raise ValueError(
             f"Inconsistent config in {src / 'config.json'}: architecture {arch} is a "
-            f"{arch_type} model but model_type is {model_type!r}."
+            f"{arch_type} model but model_type is {config['model_type']!r}."
         )
     return model_type, layout, arch
 
@@ -187,7 +195,8 @@ def stream_entry(
     num_channels: Optional[int],
     channel_names: Optional[List[str]],
 ) -> Tuple[int, dict, str]:
-    """``(num_channels, multistream entry, family description)``."""
+    """``(num_channels, stream facts, family description)``; the facts are
+    ``num_channels``, ``multistream`` and, for Qwen3.5, the DeltaNet modes."""
     table = weights.get(CHANNEL_KEY)
     ms = dict(config.get("multistream") or {})
     arch = (config.get("architectures") or [config.get("model_type")])[0]
@@ -221,13 +230,14 @@ def stream_entry(
                 f"Missing tensor {CHANNEL_KEY} in {src}; config.json has num_channels "
                 f"{config['num_channels']}, so it is a §7 stream checkpoint."
             )
-        found = BLOCKS
+        # Qwen3.5 runs its DeltaNet state row by row: rows only (sec7 §5)
+        found = ROWS if ALIASES.get(config["model_type"]) == "qwen3_5" else BLOCKS
         n = (
             num_channels
             or (len(channel_names) if channel_names else None)
             or config.get("num_channels")
             or len(ms.get("channel_names") or [])
-            or (10 if (layout or ms.get("layout")) == ROWS else 3)
+            or (10 if (layout or ms.get("layout") or found) == ROWS else 3)
         )
         n = int(n)
         family = f"plain {config['model_type']} base model ({arch}; new channel table)"
@@ -244,7 +254,7 @@ def stream_entry(
             )
         ms["channel_names"] = list(channel_names)
     facts = stream_facts({**config, "num_channels": n, "multistream": ms}, {})
-    return n, facts["multistream"], family
+    return n, facts, family
 
 
 def load_source_tokenizer(src: Path):
@@ -291,7 +301,8 @@ def check_weights(model, weights: Dict[str, mx.array], src: Path, config: dict) 
         more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
         raise ValueError(
             f"Unexpected tensor {extra[0]}{more} in {src}: not part of a "
-            f"{config['model_type']} model with {config['num_hidden_layers']} layers."
+            f"{config['model_type']} model with "
+            f"{text_config(config)['num_hidden_layers']} layers."
         )
 
 
@@ -386,7 +397,7 @@ def convert(
     weights = rename(read_weights(src))
     if EMBED_KEY not in weights:
         raise ValueError(f"Missing tensor {EMBED_KEY} in {src}.")
-    n, ms, family = stream_entry(
+    n, facts, family = stream_entry(
         config,
         weights,
         src,
@@ -395,6 +406,12 @@ def convert(
         num_channels=num_channels,
         channel_names=channel_names,
     )
+    ms = facts["multistream"]
+    if (model_type, ms["layout"]) not in REFERENCE_ARCHITECTURES:
+        raise ValueError(
+            f"{src} is a {model_type} model, which uses the {ROWS} layout only (its "
+            f"DeltaNet state runs row by row); got layout {ms['layout']!r}."
+        )
     tokenizer = load_source_tokenizer(src)
     if ms["layout"] == ROWS and ms.get("silence_token_id") is None:
         ms["silence_token_id"] = silence_token_id(tokenizer)  # §7 §1.2: never hard-code
@@ -402,19 +419,22 @@ def convert(
     info(f"{src}: {family}, {n} channels, {str(stored).split('.')[-1]} weights.")
 
     cfg = {k: v for k, v in config.items() if k not in ("_name_or_path", "auto_map")}
+    if "text_config" in cfg:
+        cfg["text_config"] = dict(cfg["text_config"])
+    text = text_config(cfg)  # where vocab_size lives; stream facts stay at the top
     vocab = int(weights[EMBED_KEY].shape[0])
-    if "vocab_size" in cfg and int(cfg["vocab_size"]) != vocab:
+    if "vocab_size" in text and int(text["vocab_size"]) != vocab:
         warn(
-            f"config.json says vocab_size {cfg['vocab_size']} but {EMBED_KEY} has "
+            f"config.json says vocab_size {text['vocab_size']} but {EMBED_KEY} has "
             f"{vocab} rows; using {vocab} (the tensor wins, as in the reference)."
         )
+    text["vocab_size"] = vocab
     cfg.update(
+        facts,
         architectures=[REFERENCE_ARCHITECTURES[(model_type, ms["layout"])]],
-        vocab_size=vocab,
-        num_channels=n,
-        multistream=ms,
     )
-    if cfg.get("tie_word_embeddings") and "lm_head.weight" in weights:
+    tied = {**cfg, **text}.get("tie_word_embeddings")
+    if tied and "lm_head.weight" in weights:
         if not mx.array_equal(weights["lm_head.weight"], weights[EMBED_KEY]).item():
             warn(
                 f"tie_word_embeddings is true but {src} has its own lm_head.weight; "
@@ -429,19 +449,29 @@ def convert(
         model = model_class(args_class.from_dict(cfg))
     except (TypeError, KeyError) as e:
         raise ValueError(f"Inconsistent config in {src / 'config.json'}: {e}") from e
+    # Vectors (norms, biases; tiny) in fp32 until the final cast: the +1 Qwen3.5's
+    # sanitize adds to its (1+w) norms is then exact (a 16-bit add would round it).
+    weights = {
+        k: (
+            v.astype(mx.float32)
+            if v.ndim == 1 and mx.issubdtype(v.dtype, mx.floating)
+            else v
+        )
+        for k, v in weights.items()
+    }
     weights = model.sanitize(weights)  # a base model gets its N(0, 0.02) table here
     check_weights(model, weights, src, cfg)
     model.load_weights(list(weights.items()))
     del weights
 
     target = getattr(mx, dtype) if dtype else stored
-    cast = getattr(model, "cast_predicate", lambda _: True)
+    cast = getattr(model, "cast_predicate", lambda _: True)  # Qwen3.5: not A_log
     model.update(
         tree_map_with_path(
             lambda k, v: (
-                v.astype(target)
-                if cast(k) and mx.issubdtype(v.dtype, mx.floating)
-                else v
+                v
+                if not mx.issubdtype(v.dtype, mx.floating)
+                else v.astype(target if cast(k) else mx.float32)
             ),
             model.parameters(),
         )
