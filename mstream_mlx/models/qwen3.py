@@ -7,11 +7,12 @@ from typing import Any, ClassVar, Dict, List, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.nn.layers.distributed import shard_linear
 from mlx_lm.models.base import BaseModelArgs, scaled_dot_product_attention
 from mlx_lm.models.qwen3 import MLP
 
-from ..attention import StreamRoPE, apply_rope
-from ..cache import StreamKVCache, make_mask
+from ..attention import StreamRoPE, apply_rope_pairs, rope_pairs
+from ..cache import StreamKVCache, attention_mask, push_positions
 from ..streams import StreamSpec
 
 # Keys the reference checkpoints carry for its (disabled) role gating: never used.
@@ -93,8 +94,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1)
         if "q_norm" in self:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q.transpose(0, 2, 1, 3), *rope)  # (B, H, L, D)
-        k = apply_rope(k.transpose(0, 2, 1, 3), *rope)  # (B, Hkv, L, D)
+        q = apply_rope_pairs(q.transpose(0, 2, 1, 3), *rope)  # (B, H, L, D)
+        k = apply_rope_pairs(k.transpose(0, 2, 1, 3), *rope)  # (B, Hkv, L, D)
         v = v.transpose(0, 2, 1, 3)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
@@ -129,25 +130,25 @@ class Qwen3Model(nn.Module):
     def __call__(self, inputs, channels, positions, cache=None, mask=None) -> mx.array:
         # paper §3: the channel embedding is added once, before layer 0
         h = self.embed_tokens(inputs) + self.channel_embedding(channels)
-        rope = self._rope.tables(positions)  # shared by all layers
+        # cos/sin gathered by y, cast and paired once for all layers
+        rope = rope_pairs(*self._rope.tables(positions), h.dtype)
         if cache is None:
             cache = [None] * len(self.layers)
         if mask is None:
-            mask = make_mask(positions, cache[0])
+            mask = attention_mask(positions, cache[0])
         if cache[0] is not None:
-            for c in cache:
-                c.push_positions(positions)
+            push_positions(cache, positions)
         for layer, c in zip(self.layers, cache):
             h = layer(h, rope, mask, c)
         return self.norm(h)
 
 
 class Model(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, inner=None):
         super().__init__()
         self.args = args
         self.model_type = args.model_type
-        self.model = Qwen3Model(args)
+        self.model = (inner or Qwen3Model)(args)  # qwen3_5 brings its hybrid stack
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
@@ -198,6 +199,41 @@ class Model(nn.Module):
             shape = (self.args.num_channels, self.args.hidden_size)
             out[CHANNEL_KEY] = 0.02 * mx.random.normal(shape, key=mx.random.key(0))
         return out
+
+    def shard(self, group: Optional[mx.distributed.Group] = None):
+        """Split every layer over ``group`` for tensor-parallel inference (mlx-lm's
+        scheme): q/k/v and gate/up keep 1/N of their output rows, o/down 1/N of their
+        input columns and all-sum their result, so each rank holds 1/N of the layer
+        weights and of the KV cache.  The stream mask, per-token RoPE and
+        :class:`StreamKVCache` act per head, so they need no change; the token and
+        channel embeddings and the LM head stay whole on every rank.  Load with
+        ``lazy=True`` and shard before the first eval to read only this rank's part.
+        """
+        group = group or mx.distributed.init()
+        N = group.size()
+        a = self.args
+        for name in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+            if getattr(a, name) % N:
+                raise ValueError(
+                    f"Cannot shard over {N} processes: {name} ({getattr(a, name)}) "
+                    "is not divisible by it."
+                )
+        cut, join = "all-to-sharded", "sharded-to-all"  # rows out / columns in
+        for layer in self.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            for module, name, kind in (
+                (attn, "q_proj", cut),
+                (attn, "k_proj", cut),
+                (attn, "v_proj", cut),
+                (attn, "o_proj", join),
+                (mlp, "gate_proj", cut),
+                (mlp, "up_proj", cut),
+                (mlp, "down_proj", join),
+            ):
+                linear = shard_linear(getattr(module, name), kind, group=group)
+                setattr(module, name, linear)
+            layer.self_attn.n_heads //= N
+            layer.self_attn.n_kv_heads //= N
 
     def make_cache(self) -> List[StreamKVCache]:
         return [StreamKVCache() for _ in self.layers]

@@ -33,7 +33,7 @@ from ..deltanet import (
     from_columns,
     to_columns,
 )
-from ..streams import ROWS, StreamSpec
+from ..streams import ROWS
 from . import qwen3
 
 # Stream facts live at the top of config.json even when the model nests a text_config.
@@ -281,44 +281,12 @@ class Qwen3_5Model(nn.Module):
         return self.norm(h)
 
 
-class Model(nn.Module):
+class Model(qwen3.Model):
+    """The Qwen3 multi-stream model's contract on the hybrid stack: calls carry whole
+    rows, row-major; a passed ``mask`` reaches the full-attention layers only."""
+
     def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.args = args
-        self.model_type = args.model_type
-        self.model = Qwen3_5Model(args)
-        if not args.tie_word_embeddings:
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-
-    def __call__(
-        self,
-        inputs: mx.array,
-        *,
-        channels: mx.array,
-        positions: mx.array,
-        cache: Optional[List[Any]] = None,
-        mask: Optional[mx.array] = None,
-    ) -> mx.array:
-        """Logits ``[B, L, V]``; the logit of token (c, y) predicts stream c at y + 1.
-
-        Args:
-            inputs, channels, positions: ``[B, L]`` int arrays, whole rows, row-major.
-            cache: from :meth:`make_cache` for incremental use (changed in place).
-            mask: optional boolean ``[B, 1, L, S]`` for the full-attention layers;
-                derived from ``positions`` if None.  DeltaNet layers ignore it.
-        """
-        if not inputs.shape == channels.shape == positions.shape:
-            raise ValueError(
-                f"inputs, channels and positions must have one shape, got "
-                f"{inputs.shape}, {channels.shape} and {positions.shape}."
-            )
-        return self.lm_logits(self.model(inputs, channels, positions, cache, mask))
-
-    def lm_logits(self, h: mx.array) -> mx.array:
-        """The shared LM head (tied or not) applied to hidden states."""
-        if self.args.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(h)
-        return self.lm_head(h)
+        super().__init__(args, Qwen3_5Model)
 
     def sanitize(self, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
         weights = {
@@ -368,19 +336,9 @@ class Model(nn.Module):
         ]
 
     @property
-    def layers(self):
-        return self.model.layers
-
-    @property
     def tokens_per_row(self) -> int:
         """Every call must carry whole rows: a multiple of this many tokens."""
         return self.args.num_channels
-
-    @property
-    def streams(self) -> StreamSpec:
-        """Names, inputs, layout and silence token of this model's streams."""
-        ms = self.args.multistream or {}
-        return StreamSpec.from_config(ms, self.args.num_channels)
 
     @property
     def quant_predicate(self):
