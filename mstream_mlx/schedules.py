@@ -65,8 +65,10 @@ class RowsOptions:
         think_silence_penalty: the same for the other output streams (thinking).
         silence_penalty_during_user_talk: start the ramp at ``pre_think`` instead of after
             the user's last token (interactive: count quiet rows while the user talks too).
-        silence_exit: consecutive all-silent rows that end the run; ``None`` = the
-            reference: 1 in non-interactive mode, never in interactive mode.
+        silence_exit: consecutive all-silent rows that end a non-interactive run
+            (``None``: 1, the reference).  An interactive run never ends on silence: the
+            user may simply be thinking (the reference's ``silence_streak_exit`` applies
+            to both modes; we deviate on purpose).
         ablate: output streams forced to silence.
         skip_silence: no query attends to a silence key except itself (the reference's
             ``skip_silence`` / ``block_causal_skip_silence``).
@@ -397,7 +399,7 @@ class RowsSchedule(_Schedule):
         )
         if all(v == self.sil for v in row.values()) and not user_next:
             self.silent_rows += 1
-            limit = self.opts.silence_exit or (None if self.interactive else 1)
+            limit = None if self.interactive else (self.opts.silence_exit or 1)
             if limit is not None and self.silent_rows >= limit:
                 self.finish("stop")  # sec7 §7.2: this row is not yielded
                 return None

@@ -878,9 +878,21 @@ def test_cli_errors_are_one_line(rows10, args, msg):
     assert len(res.stderr.strip().splitlines()) == 1
 
 
-def test_cli_without_model_names_the_default_path():
+def test_cli_without_model_names_the_default_path(monkeypatch, tmp_path):
+    import mstream_mlx
+
+    monkeypatch.setattr(mstream_mlx, "__file__", str(tmp_path / "__init__.py"))
     res = CliRunner().invoke(app, ["generate", "-p", "hi"])
     assert res.exit_code == 1 and "default model" in res.stderr
+    assert str(tmp_path / "assets" / "default_model") in " ".join(res.stderr.split())
+
+
+def test_cli_without_model_runs_the_bundled_model():
+    res = CliRunner().invoke(app, ["generate", "-p", "add five minus two", "--format", "jsonl"])
+    assert res.exit_code == 0, res.stderr
+    lines = [json.loads(l) for l in res.stdout.splitlines() if l.startswith("{")]
+    answers = [l["text"]["Output"].strip() for l in lines if l["text"]["Output"].strip()]
+    assert answers == ["5", "3"]  # the running totals, each 2 rows after its operand
 
 
 def test_rows_options_come_from_the_model_folder_then_overrides():
@@ -897,3 +909,12 @@ def test_rows_options_come_from_the_model_folder_then_overrides():
     assert opts.silence_penalty == 3.0 and opts.pre_think == 1
     plain = SimpleNamespace(args=SimpleNamespace(multistream=None))
     assert RowsOptions.for_model(plain) == RowsOptions()
+
+
+def test_interactive_runs_never_end_on_silence(rows10):
+    """silence_exit ends non-interactive runs only (a deliberate deviation)."""
+    model, tok, _ = rows10
+    opts = RowsOptions(silence_penalty=0.0, silence_exit=1)
+    s = Session(model, tok, sampling=GREEDY, max_steps=12, interactive=True, rows=opts)
+    events = list(s)
+    assert len(events) == 12 and s.finish_reason == "length"
