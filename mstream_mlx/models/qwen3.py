@@ -209,6 +209,12 @@ class Model(nn.Module):
         channel embeddings and the LM head stay whole on every rank.  Load with
         ``lazy=True`` and shard before the first eval to read only this rank's part.
         """
+        if not all(isinstance(layer, TransformerBlock) for layer in self.layers):
+            # qwen3_5 inherits this class; its DeltaNet layers split differently
+            raise NotImplementedError(
+                f"shard() supports Qwen3 and Qwen2 multi-stream models, not "
+                f"{self.model_type!r}."
+            )
         group = group or mx.distributed.init()
         N = group.size()
         a = self.args

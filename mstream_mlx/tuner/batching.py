@@ -36,15 +36,16 @@ def collate(
     pad_to: int = DEFAULT_PAD_TO,
 ) -> Tuple[mx.array, ...]:
     """Build one batch from ``indices`` (fewer than ``batch_size``: the rest are
-    empty rows with zero weight)."""
+    empty rows with zero weight; none at all, as a rank's share of a short last
+    batch can be: all rows empty, so that rank adds no loss and no gradient)."""
     items = [dataset.targets(int(i), max_seq_length) for i in indices]
-    longest = max(len(ex) for ex, _, _ in items)
+    longest = max((len(ex) for ex, _, _ in items), default=1)
     T = max(longest, min(_round_up(longest, pad_to), max_seq_length))
     ids = np.zeros((batch_size, T), np.int32)
     ch = np.zeros((batch_size, T), np.int32)
     pos = np.zeros((batch_size, T), np.int32)
     sup = [np.flatnonzero(w > 0) for _, _, w in items]
-    K = min(_round_up(max(1, max(len(s) for s in sup)), pad_to), T)
+    K = min(_round_up(max(1, max((len(s) for s in sup), default=0)), pad_to), T)
     gather = K < T
     width = K if gather else T
     index = np.zeros((batch_size, K if gather else 0), np.int32)

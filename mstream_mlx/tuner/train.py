@@ -38,6 +38,15 @@ from .adapters import (
 )
 from .batching import DEFAULT_PAD_TO, BatchIterator
 from .datasets import DEFAULT_SYSTEM, DataOptions, load_datasets
+from .distributed import (
+    DEFAULT_TIMEOUT,
+    GlobalMeanLoss,
+    check_same_start,
+    describe,
+    guard,
+    init_world,
+    petting,
+)
 from .losses import LongCE, StreamLoss
 
 OPTIMIZERS = {
@@ -83,6 +92,8 @@ class LoraArgs:
     seed: int = 0
     clear_cache_threshold: int = 0
     pad_to: int = DEFAULT_PAD_TO
+    # mlx.launch runs: a rank with no finished step for this long exits (0: never)
+    dist_timeout: float = DEFAULT_TIMEOUT
     # multi-stream data and loss
     wait_k: int = 0  # converted formats: assistant starts K timesteps after the user
     auditor_wait: Optional[int] = None  # the auditor's delay (default: wait_k)
@@ -129,7 +140,7 @@ class LoraArgs:
                 f"grad_accumulation_steps ({self.grad_accumulation_steps}), so every "
                 "checkpoint falls after an optimizer update and resumes exactly."
             )
-        for name in ("wait_k", "auditor_wait"):
+        for name in ("wait_k", "auditor_wait", "dist_timeout"):
             v = getattr(self, name)
             if v is not None and v < 0:
                 raise ValueError(f"{name} must be >= 0, got {v}.")
@@ -402,7 +413,13 @@ def train_model(
     args: LoraArgs, model, train_set, valid_set=None, log=print, training_callback=None
 ) -> RunResult:
     """Fine-tune ``model`` in place on ``train_set``; write adapters to
-    ``args.adapter_path``.  See :class:`LoraArgs` for the settings."""
+    ``args.adapter_path``.  See :class:`LoraArgs` for the settings.
+
+    Under ``mlx.launch`` every rank calls this with the same arguments: each trains
+    on its share of every batch, and only rank 0 logs and writes files."""
+    world = init_world(args.dist_timeout)
+    if not world.main:
+        log = _silent
     mx.random.seed(args.seed)
     prepare_model(model, args.fine_tune_type, args.num_layers, args.lora_parameters)
     start, opt_state = 0, None
@@ -420,10 +437,12 @@ def train_model(
         else:
             start, opt_state = saved
             log(f"Resuming at step {start} of {args.iters}.")
-    print_trainable_parameters(model)
+    if world.main:
+        print_trainable_parameters(model)
     folder = Path(args.adapter_path)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_json(folder / CONFIG_FILE, adapter_config(args, model))
+    if world.main:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json(folder / CONFIG_FILE, adapter_config(args, model))
     optimizer = build_optimizer(args)
     if opt_state is not None:
         optimizer.state = opt_state
@@ -433,11 +452,12 @@ def train_model(
         return result
 
     batches = BatchIterator(seed=args.seed, pad_to=args.pad_to, start_step=start)
-    writer = mx.distributed.init().rank() == 0  # one process writes, as in mlx-lm
+    writer = world.main  # one process writes, as in mlx-lm
 
     def before_step(done: int):
-        # dropout masks depend on (seed, step) only: a resumed run draws the same ones
-        mx.random.seed(args.seed * 1_000_003 + done)
+        # dropout masks depend on (seed, step, rank) only: a resumed run draws the
+        # same ones, and ranks draw different ones for their different examples
+        mx.random.seed((args.seed * 1_000_003 + done) * world.size + world.rank)
         if writer and done > start and done % args.save_every == 0:
             save_checkpoint(folder, model, step=done, optimizer=optimizer)
             ui.log(f"Iter {done}: Saved adapter weights to {folder / ADAPTER_FILE}.")
@@ -455,7 +475,14 @@ def train_model(
             yield batch
             done += 1
 
-    ui = Progress(args.iters, start, lambda: batches.tokens_seen, log)
+    # tokens of every rank; the report callback runs on all ranks at the same step
+    ui = Progress(
+        args.iters,
+        start,
+        lambda: world.all_sum_int(batches.tokens_seen),
+        log,
+        rich=None if world.main else False,
+    )
     callback = ui
     if training_callback is not None:
         callback = _Both(ui, training_callback)
@@ -473,18 +500,28 @@ def train_model(
         grad_accumulation_steps=args.grad_accumulation_steps,
         clear_cache_threshold=args.clear_cache_threshold,
     )
-    try:
-        with _mlx_lm_ui(ui), _restore_layer_call(model):
-            lm_trainer.train(
-                model,
-                optimizer,
-                train_set,
-                valid_set,
-                args=targs,
-                loss=make_loss(model, args),
-                iterate_batches=iterate,
-                training_callback=callback,
+    loss = make_loss(model, args)
+    if world.size > 1:
+        loss = GlobalMeanLoss(loss, world.group)
+        log(
+            describe(
+                world, args.batch_size, args.grad_accumulation_steps, args.learning_rate
             )
+        )
+    try:
+        with guard(world, args.dist_timeout, folder, "training") as dog:
+            check_same_start(world, model, train_set)
+            with _mlx_lm_ui(ui), _restore_layer_call(model):
+                lm_trainer.train(
+                    model,
+                    optimizer,
+                    train_set,
+                    valid_set,
+                    args=targs,
+                    loss=loss,
+                    iterate_batches=petting(iterate, dog),
+                    training_callback=callback,
+                )
     finally:
         tmp_file.unlink(missing_ok=True)
     if writer:
@@ -495,6 +532,10 @@ def train_model(
         log(f"Saved final weights to {folder / ADAPTER_FILE}.")
     result.history, result.val_history = ui.history, ui.val_history
     return result
+
+
+def _silent(*_):
+    pass
 
 
 class _Both(TrainingCallback):
@@ -511,16 +552,19 @@ class _Both(TrainingCallback):
 
 
 def evaluate_model(args: LoraArgs, model, dataset, num_batches: int) -> float:
-    """Mean CE over the output streams of ``dataset`` (Long-CE off in eval mode)."""
-    loss = lm_trainer.evaluate(
-        model,
-        dataset,
-        args.batch_size,
-        num_batches,
-        args.max_seq_length,
-        loss=make_loss(model, args),
-        iterate_batches=BatchIterator(args.seed, args.pad_to),
-    )
+    """Mean CE over the output streams of ``dataset`` (Long-CE off in eval mode);
+    under ``mlx.launch`` each rank evaluates its share and all get the mean."""
+    world = init_world(args.dist_timeout)
+    with guard(world, args.dist_timeout, args.adapter_path, "evaluation") as dog:
+        loss = lm_trainer.evaluate(
+            model,
+            dataset,
+            args.batch_size,
+            num_batches,
+            args.max_seq_length,
+            loss=make_loss(model, args),
+            iterate_batches=petting(BatchIterator(args.seed, args.pad_to), dog),
+        )
     model.train()
     return loss
 
@@ -530,6 +574,9 @@ def run(args: LoraArgs, log=print, training_callback=None) -> RunResult:
     from ..utils import load
 
     args.check()
+    world = init_world(args.dist_timeout)  # a group of one unless mlx.launch ran us
+    if not world.main:
+        log = _silent  # rank 0 speaks for all; errors still reach every rank's stderr
     np.random.seed(args.seed)
     log("Loading pretrained model")
     model, tokenizer = load(args.model)
