@@ -32,6 +32,10 @@ from . import generate as _generate  # noqa: E402
 
 app.command("generate")(_generate.generate_command)
 
+from . import chat as _chat  # noqa: E402
+
+app.command("chat")(_chat.chat_command)
+
 from . import convert as _convert  # noqa: E402
 
 app.command("convert")(_convert.convert)
