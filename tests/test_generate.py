@@ -917,4 +917,4 @@ def test_interactive_runs_never_end_on_silence(rows10):
     opts = RowsOptions(silence_penalty=0.0, silence_exit=1)
     s = Session(model, tok, sampling=GREEDY, max_steps=12, interactive=True, rows=opts)
     events = list(s)
-    assert len(events) == 12 and s.finish_reason == "length"
+    assert len(events) == 1 + 12 and s.finish_reason == "length"  # seed row + 12 rows
