@@ -654,3 +654,38 @@ def test_reference_with_one_stream_is_transformers_qwen3_5(moe):
         want = hf(input_ids=ids).logits
         got = ref(ids, torch.zeros_like(ids), torch.arange(9)[None])
     assert torch.abs(got - want).max() < 1e-4, float(torch.abs(got - want).max())
+
+
+def test_same_commands_as_qwen3(tmp_path):
+    """A reference-style Qwen3.5 checkpoint converts, fine-tunes (LoRA), fuses and
+    generates through the CLI exactly like a Qwen3 one (issue: same commands)."""
+    import json as _json
+
+    from typer.testing import CliRunner
+
+    from mstream_mlx.cli.main import app
+
+    C = 3
+    cfg = tiny_config(num_channels=C, mode="column")
+    src = _write_checkpoint(tmp_path / "ref", cfg, random_qwen3_5_state_dict(cfg, seed=9))
+    data = tmp_path / "data"
+    data.mkdir()
+    row = {"streams": {"User": [" one", " two", None, None], "Output": [None, None, " three", None]}}
+    for split in ("train", "valid"):
+        (data / f"{split}.jsonl").write_text((_json.dumps(row) + "\n") * 8)
+    run = CliRunner()
+    steps = [
+        ["convert", "--hf-path", str(src), "--mlx-path", str(tmp_path / "mlx")],
+        ["lora", "--model", str(tmp_path / "mlx"), "--data", str(data), "--train",
+         "--iters", "4", "--batch-size", "2", "--num-layers", "-1",
+         "--adapter-path", str(tmp_path / "ad"), "--steps-per-eval", "2", "--val-batches", "1"],
+        ["fuse", "--model", str(tmp_path / "mlx"), "--adapter-path", str(tmp_path / "ad"),
+         "--save-path", str(tmp_path / "fused")],
+        ["generate", "--model", str(tmp_path / "fused"), "-p", "one two", "--max-steps", "6",
+         "--format", "jsonl"],
+    ]
+    for argv in steps:
+        res = run.invoke(app, argv)
+        assert res.exit_code == 0, f"{argv[0]}: {res.output}{res.exception!r}"
+    lines = [_json.loads(l) for l in res.stdout.splitlines() if l.startswith("{")]
+    assert len(lines) >= 3 and set(lines[0]["tokens"]) == {"User", "Output", "Analytical"}

@@ -40,7 +40,9 @@ def collate(
     batch can be: all rows empty, so that rank adds no loss and no gradient)."""
     items = [dataset.targets(int(i), max_seq_length) for i in indices]
     longest = max((len(ex) for ex, _, _ in items), default=1)
-    T = max(longest, min(_round_up(longest, pad_to), max_seq_length))
+    # a multiple of pad_to (few compiled shapes) but never past max_seq_length
+    cap = max(longest, max_seq_length - max_seq_length % pad_to)
+    T = min(_round_up(longest, pad_to), cap)
     ids = np.zeros((batch_size, T), np.int32)
     ch = np.zeros((batch_size, T), np.int32)
     pos = np.zeros((batch_size, T), np.int32)

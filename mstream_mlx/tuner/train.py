@@ -409,6 +409,12 @@ def adapter_config(args: LoraArgs, model) -> dict:
     return cfg
 
 
+def pad_multiple(model, args) -> int:
+    """Batch lengths are multiples of ``pad_to`` and, for models whose recurrent
+    layers need whole rows (Qwen3.5), of the row width too."""
+    return math.lcm(args.pad_to, getattr(model, "tokens_per_row", 1))
+
+
 def train_model(
     args: LoraArgs, model, train_set, valid_set=None, log=print, training_callback=None
 ) -> RunResult:
@@ -451,7 +457,7 @@ def train_model(
         log(f"Nothing to train: the checkpoint is at step {start} of {args.iters}.")
         return result
 
-    batches = BatchIterator(seed=args.seed, pad_to=args.pad_to, start_step=start)
+    batches = BatchIterator(seed=args.seed, pad_to=pad_multiple(model, args), start_step=start)
     writer = world.main  # one process writes, as in mlx-lm
 
     def before_step(done: int):
@@ -563,7 +569,7 @@ def evaluate_model(args: LoraArgs, model, dataset, num_batches: int) -> float:
             num_batches,
             args.max_seq_length,
             loss=make_loss(model, args),
-            iterate_batches=petting(BatchIterator(args.seed, args.pad_to), dog),
+            iterate_batches=petting(BatchIterator(args.seed, pad_multiple(model, args)), dog),
         )
     model.train()
     return loss

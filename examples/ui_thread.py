@@ -1,0 +1,58 @@
+# Copyright © 2026 mstream-mlx contributors.
+"""Drive a Session from a UI: one worker thread steps, the UI thread feeds and reads.
+
+    python examples/ui_thread.py [MODEL]
+
+`feed` and `stop` only touch small queues under a lock, so the UI never waits for the
+model; events come back through a queue.
+"""
+
+import queue
+import sys
+import threading
+import time
+
+import mstream_mlx
+from mstream_mlx import Session
+from mstream_mlx.cli.generate import default_model_path
+
+# --- settings ---------------------------------------------------------------------
+MODEL = sys.argv[1] if len(sys.argv) > 1 else str(default_model_path())
+TYPED = ["add five", "minus two", "add nine"]  # what the "user" types, one per tick
+TICK = 0.05  # seconds between the UI's actions
+# ---------------------------------------------------------------------------------
+
+model, tokenizer = mstream_mlx.load(MODEL)
+output = model.streams.names[1]
+session = Session(model, tokenizer, interactive=True, max_steps=100_000)
+events: "queue.Queue" = queue.Queue()
+
+
+def worker():  # the only thread that calls step()
+    for event in session:
+        events.put(event)
+        time.sleep(TICK / 2)  # pace the model so a human could read along
+    # MLX 0.32 may abort at exit when a thread that ran MLX work has ended
+    # (ml-explore/mlx#3126): park the daemon thread instead of returning.
+    threading.Event().wait()
+
+
+threading.Thread(target=worker, daemon=True).start()
+
+answers = []
+for words in TYPED:  # the UI thread: type, then show whatever arrived
+    session.feed(model.streams.names[0], words)
+    time.sleep(TICK * 8)
+    while not events.empty():
+        text = events.get().text[output].strip()
+        if text:
+            answers.append(text)
+            print(f"{output}: {text}")
+time.sleep(TICK * 8)
+session.stop()  # from any thread: the run ends at the next step
+while not events.empty():
+    text = events.get().text[output].strip()
+    if text:
+        answers.append(text)
+        print(f"{output}: {text}")
+print("answers:", answers)
