@@ -180,6 +180,9 @@ def generate_command(
     model: Optional[str] = typer.Option(
         None, "--model", help="Model folder or Hub id (default: the bundled model)."
     ),
+    adapter_path: Optional[str] = typer.Option(
+        None, "--adapter-path", help="LoRA adapters from `mstream-mlx lora`."
+    ),
     prompt: Optional[str] = typer.Option(
         None, "--prompt", "-p", help="Text for the main input stream ('-' reads stdin)."
     ),
@@ -390,7 +393,7 @@ def _run(a: dict):
     if a["seed"] is not None:
         mx.random.seed(a["seed"])
     model_path = a["model"] or str(default_model_path())
-    model, tokenizer = mstream_mlx.load(model_path)
+    model, tokenizer = mstream_mlx.load(model_path, adapter_path=a["adapter_path"])
     spec = model.streams
     blocks = spec.layout == BLOCKS
     method = a["sampler"] if a["sampler"] == "mlx" else ("blocks" if blocks else "rows")
