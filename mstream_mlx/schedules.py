@@ -51,7 +51,10 @@ class RowsOptions:
     """Knobs of the rows decode loop (sec7_rows.md §7.2), reference defaults.
 
     Args:
-        pre_think: rows of thinking before the first user token enters (non-interactive).
+        pre_think: rows of the model's own before a user token may enter, in both modes.
+            Interactive runs of the reference let a token sent after the seed row land
+            in row 0: ``pre_think=0`` does that; the default 1 keeps row 0 silent, as
+            the reference's training data and non-interactive loop have it.
             A value below the first generated row (1, or the number of prefill rows) is
             raised to it: the reference silently drops the user tokens that would fall
             there, we keep them.
@@ -258,7 +261,9 @@ class RowsSchedule(_Schedule):
         if self.interactive is None:  # the reference: interactive iff no user text
             self.interactive = not any(self.queues.values())
         if self.prefill_table is None:
-            self.pre_think = max(self.pre_think, 1)
+            # non-interactive: user tokens start after the fixed seed row; interactive
+            # may put one in the seed row itself (the reference's first gen.send)
+            self.pre_think = max(self.pre_think, 0 if self.interactive else 1)
             words = list(self.opts.seed_words)
             seed = [self.sil] * self.C
             for i, c in enumerate(self.outs[1:]):
@@ -296,7 +301,7 @@ class RowsSchedule(_Schedule):
         quirk_used = False
         for c in self.ins:
             q = self.queues[c]
-            if q and (self.interactive or r - 1 >= self.pre_think):
+            if q and r - 1 >= self.pre_think:
                 ids[c] = read[c] = q[0]
                 consumed.append(c)
             elif c == self.ins[0] and self.quirk is not None:
@@ -392,7 +397,7 @@ class RowsSchedule(_Schedule):
         }
         user_next = (
             any(
-                self.queues[c] and (self.interactive or r >= self.pre_think)
+                self.queues[c] and r >= self.pre_think
                 for c in self.ins
             )
             or self.quirk is not None

@@ -918,3 +918,16 @@ def test_interactive_runs_never_end_on_silence(rows10):
     s = Session(model, tok, sampling=GREEDY, max_steps=12, interactive=True, rows=opts)
     events = list(s)
     assert len(events) == 1 + 12 and s.finish_reason == "length"  # seed row + 12 rows
+
+
+def test_interactive_input_waits_for_pre_think(rows10):
+    """A word fed before the first step enters at row pre_think (1 by default, as in
+    the training data); pre_think=0 puts it in the seed row, as the reference's
+    interactive gen.send does."""
+    model, tok, _ = rows10
+    for pre_think, row in ((1, 1), (0, 0)):
+        s = Session(model, tok, sampling=GREEDY, max_steps=4, interactive=True,
+                    rows=RowsOptions(pre_think=pre_think, silence_penalty=0.0))
+        s.feed("User", "one")
+        read = [e.y["User"] for e in s if e.tokens["User"] is not None]
+        assert read == [row]
