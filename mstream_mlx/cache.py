@@ -76,6 +76,41 @@ class StreamKVCache(lm_cache.KVCache):
         return 0 if self.keys is None else super().nbytes + self.ys.nbytes
 
 
+def push_positions(caches: List[StreamKVCache], positions: mx.array):
+    """Record the new tokens' ``y`` in every layer's cache, computed once: layers at
+    the same offset share one ``ys`` array (each layer pushing its own cost two ops
+    and a host copy per layer per step)."""
+    first = caches[0]
+    first.push_positions(positions)
+    for c in caches[1:]:
+        if c.offset == first.offset:
+            c.ys, c.max_y = first.ys, first.max_y
+        else:
+            c.push_positions(positions)
+
+
+def attention_mask(positions: mx.array, cache: Optional[StreamKVCache]):
+    """What the model passes to SDPA for new tokens at ``positions``: the rule, in the
+    cheapest form that is exactly equal to it.
+
+    With a cache whose keys are all older than every new token: ``None`` for one new
+    token per row (a decode step of one stream sees everything), ``"causal"`` when the
+    new ``y`` strictly increase along each row (a single-stream prompt: the rule *is*
+    the causal mask, and fused kernels take it without a mask array).  Otherwise the
+    boolean array of :func:`make_mask`.  Without a cache (training, under
+    ``mx.compile``) the positions cannot be read: always the array.
+    """
+    if cache is None:
+        return make_mask(positions, None)
+    pos = np.array(positions)
+    if cache.offset == 0 or (pos.min(axis=1) > cache.max_y).all():
+        if pos.shape[1] == 1:
+            return None
+        if (np.diff(pos, axis=1) > 0).all():
+            return "causal"
+    return make_mask(positions, cache)
+
+
 def make_mask(positions: mx.array, cache: Optional[StreamKVCache]) -> mx.array:
     """The boolean mask ``[B, 1, L, offset+L]`` for new tokens at ``positions``.
 

@@ -8,10 +8,10 @@ from typing import Any, ClassVar, Dict, List, Optional, Union
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.nn.layers.distributed import shard_linear
-from mlx_lm.models.base import BaseModelArgs, scaled_dot_product_attention
+from mlx_lm.models.base import BaseModelArgs
 from mlx_lm.models.qwen3 import MLP
 
-from ..attention import StreamRoPE, apply_rope_pairs, rope_pairs
+from ..attention import StreamRoPE, apply_rope_pairs, rope_pairs, stream_attention
 from ..cache import StreamKVCache, attention_mask, push_positions
 from ..streams import StreamSpec
 
@@ -99,7 +99,7 @@ class Attention(nn.Module):
         v = v.transpose(0, 2, 1, 3)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        out = scaled_dot_product_attention(q, k, v, cache, scale=self.scale, mask=mask)
+        out = stream_attention(q, k, v, cache, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
