@@ -60,7 +60,9 @@ def test_runner_dtypes_batch_and_deepcopy(model, dtype):
     batch = [mx.concatenate([a, a], axis=0) for a in (ids, ch, pos)]
     out = m(batch[0], channels=batch[1], positions=batch[2])
     assert out.shape == (2, 20, 512) and out.dtype == dtype
-    assert mx.array_equal(out[0], out[1])
+    # the two batch rows are the same input; BLAS may round them differently
+    tol = 1e-4 if dtype == mx.float32 else 5e-2
+    assert mx.allclose(out[0], out[1], atol=tol, rtol=tol)
     cache = m.make_cache()
     step = m(ids[:, :10], channels=ch[:, :10], positions=pos[:, :10], cache=cache)
     assert step.dtype == dtype and cache[0].offset == 10

@@ -279,7 +279,8 @@ def test_column_layer_is_stock_layer_per_stream():
     x = _layer_input(cfg, R=5)
     out = np.array(layer(x))
     for c in range(3):
-        assert np.allclose(out[:, c::3], np.array(stock(x[:, c::3])), atol=1e-6)
+        # different matmul shapes: OpenBLAS may round differently (seen: 1.2e-7)
+        assert np.allclose(out[:, c::3], np.array(stock(x[:, c::3])), atol=1e-5)
 
 
 def test_block_causal_layer_one_stream_is_stock_layer():
