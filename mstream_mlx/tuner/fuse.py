@@ -67,5 +67,6 @@ def fuse(
         save_model(tmp, model, donate_model=False)
         save_config(config, tmp / "config.json")
         copy_side_files(src, tmp)
-    log(f"Fused {len(fused)} adapter layers; saved to {save_path}")
+    what = f"Fused {len(fused)} adapter layers" if fused else "Applied the fully fine-tuned weights"
+    log(f"{what}; saved to {save_path}")
     return Path(save_path)
