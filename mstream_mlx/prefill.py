@@ -7,7 +7,7 @@ token that should have seen it).  Each chunk's mask is at most ``step × context
 never ``L × L``, and the cache is evaluated after every chunk as mlx-lm does.
 """
 
-from typing import Any, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -24,6 +24,7 @@ def prefill(
     *,
     logits_at: Sequence[int] = (),
     step: int = DEFAULT_PREFILL_STEP,
+    mask_fn: Optional[Callable[[mx.array, mx.array], mx.array]] = None,
 ) -> Optional[mx.array]:
     """Feed ``flat`` (batch 1) into ``cache`` in chunks of ``step`` tokens.
 
@@ -33,6 +34,8 @@ def prefill(
         cache: from ``model.make_cache()``; extended in place.
         logits_at: flat indices (into ``flat``) whose logits to return.
         step: tokens per chunk.
+        mask_fn: ``(ids, positions) -> mask`` of a chunk, for masks beyond the rule
+            (e.g. skip-silence); the model derives the rule's own otherwise.
 
     Returns:
         Logits ``[len(logits_at), V]`` in the order of ``logits_at`` (None if empty).
@@ -49,7 +52,8 @@ def prefill(
     hidden = {}
     for start in range(0, len(order), step):
         sl = slice(start, start + step)
-        h = model.model(ids[:, sl], channels[:, sl], positions[:, sl], cache)
+        mask = None if mask_fn is None else mask_fn(ids[:, sl], positions[:, sl])
+        h = model.model(ids[:, sl], channels[:, sl], positions[:, sl], cache, mask)
         for w in wanted:
             if start <= w < start + step:
                 hidden[w] = h[0, w - start]

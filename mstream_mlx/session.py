@@ -22,7 +22,7 @@ wait for the model; ``step`` is serialised by its own lock (one stepping thread)
 import json
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Union
 
@@ -657,32 +657,15 @@ class Session:
         if len(flat) == 0:
             return None
         skip = self.layout != BLOCKS and self.schedule.opts.skip_silence
-        if not skip:
-            return prefill(
-                self.model,
-                flat,
-                self.cache,
-                logits_at=logits_at,
-                step=self.prefill_step_size,
-            )
-        # skip_silence needs an explicit mask per chunk: the same loop as prefill()
-        ids, channels, positions = flat.arrays()
-        hidden = {}
-        step = self.prefill_step_size
-        for start in range(0, len(flat), step):
-            sl = slice(start, start + step)
-            mask = self._mask(ids[:, sl], positions[:, sl], decode=False)
-            h = self.model.model(
-                ids[:, sl], channels[:, sl], positions[:, sl], self.cache, mask
-            )
-            for w in logits_at:
-                if start <= w < start + step:
-                    hidden[w] = h[0, w - start]
-            mx.eval([c.state for c in self.cache] + list(hidden.values()))
-            mx.clear_cache()
-        if not logits_at:
-            return None
-        return self.model.lm_logits(mx.stack([hidden[w] for w in logits_at]))
+        return prefill(
+            self.model,
+            flat,
+            self.cache,
+            logits_at=logits_at,
+            step=self.prefill_step_size,
+            # skip_silence needs an explicit mask per chunk
+            mask_fn=(lambda i, p: self._mask(i, p, decode=False)) if skip else None,
+        )
 
     def _load_prompt_cache(self, path: Path, sflat: Flat, limit: int) -> int:
         cache, meta = load_prompt_cache(str(path), return_metadata=True)
