@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import Iterator, Union
 
 
+_MLX_WRITE_ERRORS = ("Unable to write", "Failed to open file", "[write]")
+
+
 def _reason(e: BaseException) -> str:
     if isinstance(e, OSError):
         if e.errno == errno.ENOSPC:
@@ -21,11 +24,13 @@ def _reason(e: BaseException) -> str:
 
 
 def is_write_failure(e: BaseException) -> bool:
-    """True for an ``OSError`` or MLX's ``RuntimeError: [write] Unable to write ...``
-    (MLX reports a full disk or an unwritable file as a ``RuntimeError``)."""
+    """True for an ``OSError`` or MLX's write ``RuntimeError`` (MLX reports a full
+    disk as ``[write] Unable to write ...`` and an unwritable path as
+    ``[save_safetensors] Failed to open file ...``)."""
     if isinstance(e, OSError):
         return True
-    return isinstance(e, RuntimeError) and "Unable to write" in str(e)
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(m in text for m in _MLX_WRITE_ERRORS)
 
 
 class WriteError(OSError):
