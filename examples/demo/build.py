@@ -1,7 +1,13 @@
 # Copyright © 2026 mstream-mlx contributors.
 """Build the bundled demo model from nothing, with mstream-mlx's own commands.
 
-    python examples/demo/build.py --out build/demo [--install]
+    python examples/demo/build.py --out build/demo [--seed 0] [--steps 2000] [--install]
+
+The build is deterministic for a given seed on a given backend and machine: the data
+come from a fixed seed, the models' initialisation, batch order and dropout from
+``--seed``.  ``--steps 50`` is a quick mode that finishes in minutes (its models are
+not good; it checks that the pipeline works).  docs/demo.md lists the measured spread
+over seeds and how long a full build takes.
 
 1. data: the running-total task (task.py), multi-stream and read-then-answer splits;
 2. a SentencePiece tokenizer trained on the task's words;
@@ -17,6 +23,7 @@ import random
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -26,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import task  # noqa: E402
 
 # --- settings ---------------------------------------------------------------------
-SEED = 0
+DATA_SEED = 0  # the episodes: fixed, so every seed trains and is scored on the same data
 SPLITS = {"train": 12000, "valid": 200, "test": 500}
 MODEL = dict(  # Qwen3 shape; small enough that chat runs at hundreds of rows/s on 2 cores
     model_type="qwen3",
@@ -52,7 +59,7 @@ ASSET = Path(__file__).resolve().parents[2] / "mstream_mlx" / "assets" / "defaul
 def write_data(out: Path) -> None:
     for name, baseline in (("stream", False), ("baseline", True)):
         for i, (split, n) in enumerate(SPLITS.items()):
-            rows = task.make_split(SEED * 100 + i, n, baseline=baseline)
+            rows = task.make_split(DATA_SEED * 100 + i, n, baseline=baseline)
             d = out / "data" / name
             d.mkdir(parents=True, exist_ok=True)
             with open(d / f"{split}.jsonl", "w") as f:
@@ -69,7 +76,7 @@ def write_tokenizer(folder: Path) -> None:
     from transformers import PreTrainedTokenizerFast
 
     words = task.vocabulary()
-    rng = random.Random(SEED)
+    rng = random.Random(DATA_SEED)
     corpus = [" ".join(rng.sample(words, 20)) for _ in range(2000)]
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
@@ -97,7 +104,7 @@ def write_tokenizer(folder: Path) -> None:
     fast.save_pretrained(str(folder))
 
 
-def write_init_model(folder: Path, streams) -> None:
+def write_init_model(folder: Path, streams, seed: int) -> None:
     """A randomly initialised model folder: config.json, weights, tokenizer."""
     from mstream_mlx.models import qwen3
     from mstream_mlx.streams import StreamSpec, silence_token_id
@@ -110,7 +117,7 @@ def write_init_model(folder: Path, streams) -> None:
     # penalty (the Output stream is meant to stay silent between answers)
     ms = dict(spec.to_config(), rows_options=ROWS_OPTIONS)
     config = dict(MODEL, vocab_size=len(tok), num_channels=len(streams), multistream=ms)
-    mx.random.seed(SEED)
+    mx.random.seed(seed)
     model = qwen3.Model(qwen3.ModelArgs.from_dict(config))
     mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(model.parameters())))
     (folder / "config.json").write_text(json.dumps(config, indent=2))
@@ -124,25 +131,37 @@ def run(*cmd: str) -> None:
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("build/demo"))
+    p.add_argument("--seed", type=int, default=0, help="initialisation, batch order, dropout")
+    p.add_argument("--steps", type=int, default=TRAIN["iters"], help="training steps per model")
+    p.add_argument("--limit", type=int, default=SPLITS["test"], help="test episodes to score")
     p.add_argument("--install", action="store_true", help="copy the result into the package")
     args = p.parse_args()
+    if args.steps < 1 or args.limit < 1:
+        p.error("--steps and --limit must be >= 1")
     out = args.out
+    start = time.perf_counter()
     write_data(out)
     for name, streams in (("stream", task.STREAMS), ("baseline", task.BASELINE_STREAMS)):
         init, adapters, fused = out / f"{name}-init", out / f"{name}-adapters", out / f"{name}-model"
         for d in (init, adapters, fused):
             shutil.rmtree(d, ignore_errors=True)
-        write_init_model(init, streams)
+        write_init_model(init, streams, args.seed)
         run(
             "mstream-mlx", "lora", "--model", str(init), "--data", str(out / "data" / name),
             "--train", "--test", "--fine-tune-type", "full", "--num-layers", "-1",
             "--adapter-path", str(adapters),
-            "--iters", str(TRAIN["iters"]), "--batch-size", str(TRAIN["batch_size"]),
+            "--iters", str(args.steps), "--batch-size", str(TRAIN["batch_size"]),
             "--learning-rate", str(TRAIN["learning_rate"]),
-            "--steps-per-eval", str(TRAIN["steps_per_eval"]), "--seed", str(SEED),
+            "--steps-per-eval", str(min(TRAIN["steps_per_eval"], args.steps)),
+            "--seed", str(args.seed),
         )
         run("mstream-mlx", "fuse", "--model", str(init), "--adapter-path", str(adapters), "--save-path", str(fused))
-    run(sys.executable, str(Path(__file__).parent / "evaluate.py"), "--out", str(out))
+    train_seconds = time.perf_counter() - start
+    run(
+        sys.executable, str(Path(__file__).parent / "evaluate.py"), "--out", str(out),
+        "--limit", str(args.limit), "--seed", str(args.seed), "--steps", str(args.steps),
+        "--train-seconds", f"{train_seconds:.0f}",
+    )
     if args.install:
         shutil.rmtree(ASSET, ignore_errors=True)
         shutil.copytree(out / "stream-model", ASSET)

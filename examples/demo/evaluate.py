@@ -64,8 +64,9 @@ def evaluate(folder: Path, data: Path, limit: int) -> dict:
     return {
         "episodes": len(results),
         "accuracy": mean(r["correct"] for r in results),
-        "first_answer_timesteps": mean(f[0] for f in firsts),
-        "first_answer_seconds": mean(f[1] for f in firsts),
+        # None when no episode was answered right (a quick-mode build)
+        "first_answer_timesteps": mean(f[0] for f in firsts) if firsts else None,
+        "first_answer_seconds": mean(f[1] for f in firsts) if firsts else None,
         "rows_per_second": mean(r["rows_per_s"] for r in results),
     }
 
@@ -75,7 +76,8 @@ CARD = """# mstream-mlx demo model: running totals, answered while you speak
 A {params:.2f} M-parameter Qwen3-shaped multi-stream model (hidden 128, 4 layers, 3
 streams: User, Output, Thinking; rows layout, SentencePiece word tokenizer of {vocab}
 pieces), trained **from scratch** on a synthetic task by `mstream-mlx lora
---fine-tune-type full` (`python examples/demo/build.py`, {iters} steps).
+--fine-tune-type full` (`python examples/demo/build.py --seed {seed} --steps {iters}`;
+data, tokenizer and training took {train_min:.1f} min on {machine}).
 
 The user dictates operations word by word (`add five minus two add nine`). Two rows
 after each number the Output stream writes the new total and the Thinking stream the
@@ -83,8 +85,8 @@ operation it parsed (`+5`), while the user is still talking.
 
 | model (same size, same training) | test exact match | first correct answer after the first input token |
 |---|---|---|
-| multi-stream (answers while reading) | {s_acc:.1%} | {s_ts:.1f} timesteps, {s_sec:.3f} s |
-| read-then-answer baseline | {b_acc:.1%} | {b_ts:.1f} timesteps, {b_sec:.3f} s |
+| multi-stream (answers while reading) | {s_acc:.1%} | {s_first} |
+| read-then-answer baseline | {b_acc:.1%} | {b_first} |
 
 {n} test episodes (1-8 operations, pauses of up to 24 rows), greedy decoding, measured on
 {machine}. Exact match: the Output stream's first answers are exactly the running
@@ -92,31 +94,57 @@ totals (what a model writes after the episode's last total is not scored: traini
 episodes end one row after it)."""
 
 
+def _first(r: dict) -> str:
+    if r["first_answer_timesteps"] is None:
+        return "never (no episode answered correctly)"
+    return f"{r['first_answer_timesteps']:.1f} timesteps, {r['first_answer_seconds']:.3f} s"
+
+
+def machine_name() -> str:
+    """The processor and MLX backend the numbers come from."""
+    import mlx.core as mx
+
+    if mx.default_device() == mx.gpu and mx.cuda.is_available():
+        return f"{mx.device_info().get('device_name', 'an NVIDIA GPU')} (MLX CUDA backend)"
+    if mx.default_device() == mx.gpu:
+        return f"{platform.machine()} {platform.system()} (MLX Metal backend)"
+    return f"{platform.machine()} CPU, {platform.system()} (MLX CPU backend)"
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("build/demo"))
     p.add_argument("--limit", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0, help="the build's seed (for the card)")
+    p.add_argument("--steps", type=int, default=2000, help="the build's steps (for the card)")
+    p.add_argument("--train-seconds", type=float, default=0.0, help="the build's time (for the card)")
     args = p.parse_args()
     res = {
         name: evaluate(args.out / f"{name}-model", args.out / "data" / name, args.limit)
         for name in ("stream", "baseline")
+    }
+    res["build"] = {
+        "seed": args.seed,
+        "steps": args.steps,
+        "train_seconds": args.train_seconds,
+        "machine": machine_name(),
     }
     (args.out / "results.json").write_text(json.dumps(res, indent=2))
     print(json.dumps(res, indent=2))
     model, tok = mstream_mlx.load(str(args.out / "stream-model"))
     from mlx.utils import tree_flatten
 
-    from build import TRAIN  # noqa: E402
-
     s, b = res["stream"], res["baseline"]
     card = CARD.format(
         params=sum(v.size for _, v in tree_flatten(model.parameters())) / 1e6,
         vocab=len(tok.get_vocab()),
-        iters=TRAIN["iters"],
-        s_acc=s["accuracy"], s_ts=s["first_answer_timesteps"], s_sec=s["first_answer_seconds"],
-        b_acc=b["accuracy"], b_ts=b["first_answer_timesteps"], b_sec=b["first_answer_seconds"],
+        iters=args.steps,
+        seed=args.seed,
+        train_min=args.train_seconds / 60,
+        s_acc=s["accuracy"], s_first=_first(s),
+        b_acc=b["accuracy"], b_first=_first(b),
         n=s["episodes"],
-        machine=f"{platform.machine()} CPU, {platform.system()} (MLX CPU backend)",
+        machine=machine_name(),
     )
     (args.out / "MODEL_CARD.md").write_text(card)
     print(card)
