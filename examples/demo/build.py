@@ -134,6 +134,7 @@ def main():
     p.add_argument("--seed", type=int, default=0, help="initialisation, batch order, dropout")
     p.add_argument("--steps", type=int, default=TRAIN["iters"], help="training steps per model")
     p.add_argument("--limit", type=int, default=SPLITS["test"], help="test episodes to score")
+    p.add_argument("--no-baseline", action="store_true", help="build the multi-stream model only")
     p.add_argument("--install", action="store_true", help="copy the result into the package")
     args = p.parse_args()
     if args.steps < 1 or args.limit < 1:
@@ -141,7 +142,8 @@ def main():
     out = args.out
     start = time.perf_counter()
     write_data(out)
-    for name, streams in (("stream", task.STREAMS), ("baseline", task.BASELINE_STREAMS)):
+    models = [("stream", task.STREAMS), ("baseline", task.BASELINE_STREAMS)]
+    for name, streams in models[: 1 if args.no_baseline else 2]:
         init, adapters, fused = out / f"{name}-init", out / f"{name}-adapters", out / f"{name}-model"
         for d in (init, adapters, fused):
             shutil.rmtree(d, ignore_errors=True)
@@ -160,7 +162,7 @@ def main():
     run(
         sys.executable, str(Path(__file__).parent / "evaluate.py"), "--out", str(out),
         "--limit", str(args.limit), "--seed", str(args.seed), "--steps", str(args.steps),
-        "--train-seconds", f"{train_seconds:.0f}",
+        "--train-seconds", f"{train_seconds:.0f}", *(["--no-baseline"] if args.no_baseline else []),
     )
     if args.install:
         shutil.rmtree(ASSET, ignore_errors=True)

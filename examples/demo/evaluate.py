@@ -118,10 +118,11 @@ def main():
     p.add_argument("--seed", type=int, default=0, help="the build's seed (for the card)")
     p.add_argument("--steps", type=int, default=2000, help="the build's steps (for the card)")
     p.add_argument("--train-seconds", type=float, default=0.0, help="the build's time (for the card)")
+    p.add_argument("--no-baseline", action="store_true", help="score the multi-stream model only")
     args = p.parse_args()
     res = {
         name: evaluate(args.out / f"{name}-model", args.out / "data" / name, args.limit)
-        for name in ("stream", "baseline")
+        for name in ("stream",) + (() if args.no_baseline else ("baseline",))
     }
     res["build"] = {
         "seed": args.seed,
@@ -134,6 +135,8 @@ def main():
     model, tok = mstream_mlx.load(str(args.out / "stream-model"))
     from mlx.utils import tree_flatten
 
+    if args.no_baseline:
+        return
     s, b = res["stream"], res["baseline"]
     card = CARD.format(
         params=sum(v.size for _, v in tree_flatten(model.parameters())) / 1e6,
