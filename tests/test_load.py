@@ -110,8 +110,8 @@ def test_hub_id_through_the_offline_cache(tiny_checkpoint, tmp_path, monkeypatch
 
 
 ERRORS = [
-    ("unknown model_type", lambda f: edit_config(f, model_type="llama"), ValueError,
-     r"Model type 'llama' is not supported by mstream-mlx \(supported: qwen2, qwen3"),
+    ("unknown model_type", lambda f: edit_config(f, model_type="mistral"), ValueError,
+     r"Model type 'mistral' is not supported by mstream-mlx \(supported: llama, qwen2, qwen3"),
     ("role gating", lambda f: edit_config(f, role_gating_enabled=True), ValueError,
      "enables role gating"),
     ("missing tensor", lambda f: edit_weights(f, lambda w: {k: v for k, v in w.items() if "layers.1.mlp.up_proj" not in k}),
