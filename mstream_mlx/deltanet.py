@@ -1,5 +1,5 @@
 # Copyright © 2026 mstream-mlx contributors.
-"""Gated DeltaNet in stream mode (Qwen3.5 linear-attention layers; sec7_rows.md §5).
+"""Gated DeltaNet in stream mode (Qwen3.5 linear-attention layers; paper §7, ``docs/qwen3_5.md``).
 
 A rows-layout sequence is row-major: token ``i = r*C + c`` is stream ``c`` at row ``r``.
 Two things in a DeltaNet layer look back in time, and both must respect streams:
@@ -51,7 +51,7 @@ def column_conv(
     num_channels: int,
     history: Optional[mx.array] = None,
 ) -> Tuple[mx.array, mx.array]:
-    """The depthwise causal conv along each stream (§5.2 ``column``), no activation.
+    """The depthwise causal conv along each stream (``deltanet_conv: column``), no activation.
 
     ``out[r, c] = sum_k w[K-1-k] * x[r-k, c]`` with ``x[<0] = 0``: a causal conv with
     dilation C on the flat sequence.
@@ -98,7 +98,7 @@ def block_causal_delta(
     *,
     use_kernel: bool = True,
 ) -> Tuple[mx.array, mx.array]:
-    """The ``block_causal`` gated delta rule (§5.1): shared state, row-forked outputs.
+    """The ``block_causal`` gated delta rule: shared state, row-forked outputs.
 
     With ``S`` the state after all earlier rows, token t of a row gives
     ``S_t = g_t S``, ``d_t = beta_t (v_t - S_t k_t)`` and

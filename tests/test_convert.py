@@ -40,7 +40,7 @@ from tests.tiny import make_tokenizer, tiny_config
 TOL = 1e-4
 BF16_REL = 1e-2
 
-# family -> how the reference names and sizes it (shared/reference §8 of both specs)
+# family -> how the reference names and sizes it (paper §5-§7; docs/convert.md)
 FAMILIES = {
     # §5: the reference config usually lacks num_channels (code default 5): read the tensor
     "sec5": dict(model_type="qwen3", arch="Qwen3ForMultiStream", channels=3, config_key=False),

@@ -1,5 +1,5 @@
 # Copyright © 2026 mstream-mlx contributors.
-"""Converters for Qwen3.5 hybrid multi-stream models (sec7_rows.md §5, §8).
+"""Converters for Qwen3.5 hybrid multi-stream models (paper §7; ``docs/qwen3_5.md``).
 
 Tiny reference checkpoints (tests/reference/torch_qwen3_5.py: PyTorch layout, conv
 ``[D, 1, K]``, (1+w) norms stored as w) are converted, loaded with ``mstream_mlx.load``
