@@ -33,7 +33,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map_with_path
 
-from mstream_mlx.models import architectures, find_family, get_model_classes
+from mstream_mlx.models import architectures, find_family, get_model_classes, model_types
 from mstream_mlx.models.base import CHANNEL_KEY, REFERENCE_ONLY_KEYS, Family
 from mstream_mlx.streams import (
     LAYOUTS,
@@ -118,8 +118,6 @@ def detect(config: dict, src: Path) -> Tuple[Family, Optional[str], str]:
     family = find_family(config.get("model_type"))
     archs = list(config.get("architectures") or [])
     if family is None:
-        from mstream_mlx.models import model_types
-
         raise ValueError(
             f"Unknown model_type {config.get('model_type')!r} in {src / 'config.json'}; "
             f"the converter reads {', '.join(model_types())}."
