@@ -15,7 +15,7 @@ no code here beyond :func:`to_columns`.  The state layout follows mlx-lm:
 ``[..., Dv, Dk]`` (the transpose of the PyTorch/fla ``[..., Dk, Dv]``).
 """
 
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -27,6 +27,27 @@ COLUMN = "column"
 BLOCK_CAUSAL = "block_causal"
 DELTA_MODES = (COLUMN, BLOCK_CAUSAL)
 CONV_MODES = (COLUMN,)
+
+# The DeltaNet modes when config.json has none: the reference code's defaults (the
+# Stream-27B run itself saved column / column; docs/qwen3_5.md).
+DELTANET_DEFAULTS = {"deltanet_block_causal": BLOCK_CAUSAL, "deltanet_conv": COLUMN}
+
+
+def deltanet_facts(config: dict) -> Dict[str, str]:
+    """The DeltaNet modes of a config (top level or ``text_config``), defaults filled
+    in; a missing ``deltanet_block_causal`` warns, since the two choices differ."""
+    text = config.get("text_config") or {}
+    facts = {}
+    for key, default in DELTANET_DEFAULTS.items():
+        facts[key] = config.get(key, text.get(key))
+        if facts[key] is None:
+            facts[key] = default
+            if key == "deltanet_block_causal":
+                print(
+                    f"[WARNING] config.json has no {key}; using the reference "
+                    f"code's default {default!r} (Stream-27B used 'column')."
+                )
+    return facts
 
 
 def to_columns(x: mx.array, num_channels: int) -> mx.array:

@@ -9,10 +9,9 @@ from Qwen's chat tokens (``<|im_start|>`` ...), which a Llama tokenizer lacks.
 """
 
 from dataclasses import dataclass
-from typing import ClassVar, Dict, List, Optional, Union
+from typing import ClassVar, List, Optional
 
 import mlx.nn as nn
-from mlx_lm.models.base import BaseModelArgs
 from mlx_lm.models.llama import MLP
 
 from ..streams import BLOCKS, ROWS
@@ -29,38 +28,22 @@ FAMILY = Family(
 
 
 @dataclass
-class ModelArgs(BaseModelArgs):
-    model_type: str
-    hidden_size: int
-    num_hidden_layers: int
-    intermediate_size: int
-    num_attention_heads: int
-    rms_norm_eps: float
-    vocab_size: int
-    head_dim: Optional[int] = None
+class ModelArgs(qwen3.ModelArgs):
+    """Qwen3's arguments (HF names, stream facts, ``rope_parameters`` unpacked) plus
+    Llama's own fields."""
+
     max_position_embeddings: Optional[int] = None
-    num_key_value_heads: Optional[int] = None
     attention_bias: bool = False
     mlp_bias: bool = False
-    rope_theta: Optional[float] = None
     rope_traditional: bool = False
-    rope_scaling: Optional[Dict[str, Union[float, str]]] = None
-    rope_parameters: Optional[dict] = None
-    tie_word_embeddings: bool = True
     layer_types: Optional[List[str]] = None
     sliding_window: Optional[int] = None
-    num_channels: int = 0
-    multistream: Optional[dict] = None
+    tie_word_embeddings: bool = True  # mlx-lm's llama default
 
     qk_norm: ClassVar[bool] = False
 
     def __post_init__(self):
-        # transformers >= 5 nests rope_theta and rope_scaling under rope_parameters.
-        if self.rope_parameters:
-            self.rope_theta = self.rope_theta or self.rope_parameters.get("rope_theta")
-            self.rope_scaling = self.rope_scaling or self.rope_parameters
-        if self.rope_theta is None:
-            raise ValueError("rope_theta is missing from the model config.")
+        super().__post_init__()
         if self.rope_traditional:
             raise ValueError(
                 "rope_traditional (interleaved RoPE) is not supported for Llama "
@@ -71,10 +54,6 @@ class ModelArgs(BaseModelArgs):
                 "Sliding-window layers are not supported for Llama multi-stream "
                 f"models, got layer_types {self.layer_types}."
             )
-        self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
-        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
-        if self.num_channels < 1:
-            raise ValueError(f"num_channels must be >= 1, got {self.num_channels}.")
 
     @property
     def qkv_bias(self) -> bool:

@@ -27,6 +27,7 @@ from ..deltanet import (
     DELTA_MODES,
     DeltaNetCache,
     block_causal_delta,
+    deltanet_facts,
     check_rows,
     check_whole_rows,
     column_conv,
@@ -54,28 +55,6 @@ ONE_PLUS_NORMS = (
     ".k_norm.weight",
 )
 DROPPED_PREFIXES = ("mtp.", "model.mtp.", "model.visual.", "vision_tower.")
-# The DeltaNet modes when config.json has none: the reference code's defaults (the
-# Stream-27B run itself saved column / column; docs/qwen3_5.md).
-DELTANET_DEFAULTS = {"deltanet_block_causal": BLOCK_CAUSAL, "deltanet_conv": "column"}
-
-
-def deltanet_facts(config: dict) -> Dict[str, str]:
-    """The DeltaNet modes of a config (top level or ``text_config``), defaults filled
-    in; a missing ``deltanet_block_causal`` warns, since the two choices differ."""
-    text = config.get("text_config") or {}
-    facts = {}
-    for key, default in DELTANET_DEFAULTS.items():
-        facts[key] = config.get(key, text.get(key))
-        if facts[key] is None:
-            facts[key] = default
-            if key == "deltanet_block_causal":
-                print(
-                    f"[WARNING] config.json has no {key}; using the reference "
-                    f"code's default {default!r} (Stream-27B used 'column')."
-                )
-    return facts
-
-
 def is_one_plus_norm(key: str) -> bool:
     """A norm that PyTorch stores as w and MLX as 1 + w."""
     return key.endswith(ONE_PLUS_NORMS) or key == "model.norm.weight"
