@@ -1,33 +1,28 @@
 # Copyright © 2026 mstream-mlx contributors.
-"""PyTorch multi-stream checkpoints (or plain Qwen bases) to MLX model folders.
+"""PyTorch multi-stream checkpoints (or plain base models) to MLX model folders.
 
-Families, told apart by ``config.json`` and the tensors (shared/reference §8 of both
-specs):
+The family comes from ``config.json``'s ``model_type`` and ``architectures``, as each
+family file declares them (``mstream_mlx/models``; ``docs/adding-a-model.md``):
 
-===============================  =======  =============================================
-``architectures``                layout   what the checkpoint is
-===============================  =======  =============================================
-``Qwen3ForMultiStream``          blocks   paper §5 (model_type qwen3)
-``Qwen2ForMultiStream``          blocks   paper §6 (model_type qwen2)
-``Qwen3ForCausalLM`` + channels  rows     paper §7 Stream-8B (``num_channels`` key;
-                                          unused ``gate_in_norm`` weights dropped)
-``Qwen3/Qwen2ForCausalLM``       blocks*  a plain base model: a new N(0, 0.02) channel
-                                          table, stream spec from the flags
-``StreamQwen3_5ForCausalLM``     rows     §7 Stream-27B, hybrid Gated DeltaNet (model_type
-                                          qwen3_5(_moe)(_text); flat or ``text_config``)
-``Qwen3_5(Moe)For...``           rows     a plain Qwen3.5 base model (new channel table)
-===============================  =======  =============================================
+* a stream checkpoint carries a channel table; its architecture tells the layout
+  (the reference's ``Qwen3ForMultiStream`` / ``Qwen2ForMultiStream``: blocks, paper
+  §5-6; ``StreamQwen3_5ForCausalLM``: rows, §7) or, for a stock class name with
+  ``num_channels`` (§7 Stream-8B's ``Qwen3ForCausalLM``), rows;
+* a plain base model (``Qwen3ForCausalLM``, ``LlamaForCausalLM``, ...) gets a new
+  N(0, 0.02) channel table and the stream spec of the flags (``--layout``: the
+  family's first layout by default; Qwen3.5 runs rows only).
 
-(* ``--layout`` picks; blocks by default.)  The channel count is the channel table's
-row count.  When ``config.json``'s ``num_channels`` disagrees, **the tensor wins** and a
-warning says so: the reference's own configs are unreliable there (its code defaults
-to 5 channels in §5 and 3 in §6 unless the key is written).  A ``--num-channels`` flag
-that disagrees with a trained table is an error (a trained table cannot be resized).
+The channel count is the channel table's row count.  When ``config.json``'s
+``num_channels`` disagrees, **the tensor wins** and a warning says so: the
+reference's own configs are unreliable there (its code defaults to 5 channels in §5
+and 3 in §6 unless the key is written).  A ``--num-channels`` flag that disagrees
+with a trained table is an error (a trained table cannot be resized).
 
-Qwen3.5 weights go through the model's own ``sanitize`` (conv ``[D,1,K]`` ->
+Weights go through the model's own ``sanitize`` (Qwen3.5: conv ``[D,1,K]`` ->
 ``[D,K,1]``, +1 on exactly the (1+w) norms) and are written in MLX layout, so loading
-the folder does not add the 1 again.  ``config.json`` gets the DeltaNet modes (the
-reference code's defaults, with a warning, when missing); ``A_log`` stays float32.
+the folder does not change them again.  ``config.json`` gets the family's own stream
+facts (Qwen3.5's DeltaNet modes, with a warning when the default is used) and the
+class name the family saves for the layout; ``A_log`` stays float32.
 """
 
 import json
@@ -38,10 +33,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map_with_path
 
-from mstream_mlx.models import ALIASES, get_model_classes
-from mstream_mlx.models.qwen3 import CHANNEL_KEY, REFERENCE_ONLY_KEYS
+from mstream_mlx.models import architectures, find_family, get_model_classes, model_types
+from mstream_mlx.models.base import CHANNEL_KEY, REFERENCE_ONLY_KEYS, Family
 from mstream_mlx.streams import (
-    BLOCKS,
     LAYOUTS,
     ROWS,
     blocks_spec,
@@ -61,29 +55,6 @@ EMBED_KEY = "model.embed_tokens.weight"
 DROPPED = REFERENCE_ONLY_KEYS + ("rotary_emb.inv_freq",)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "*.tiktoken")
-# architecture -> (model_type, layout it implies; None: rows if it has a channel table)
-ARCHITECTURES = {
-    "Qwen3ForMultiStream": ("qwen3", BLOCKS),
-    "Qwen2ForMultiStream": ("qwen2", BLOCKS),
-    "Qwen3ForCausalLM": ("qwen3", None),
-    "Qwen2ForCausalLM": ("qwen2", None),
-    "StreamQwen3_5ForCausalLM": ("qwen3_5", ROWS),  # sec7 §8
-    "Qwen3_5ForCausalLM": ("qwen3_5", None),
-    "Qwen3_5ForConditionalGeneration": ("qwen3_5", None),
-    "Qwen3_5MoeForCausalLM": ("qwen3_5", None),
-    "Qwen3_5MoeForConditionalGeneration": ("qwen3_5", None),
-}
-CONVERTIBLE = ("qwen3", "qwen2", "qwen3_5")  # model_type after ALIASES
-# (model_type, layout) -> the class name the reference code saves (both specs §8);
-# written into every output config, so a converted base model names its new family.
-REFERENCE_ARCHITECTURES = {
-    ("qwen3", BLOCKS): "Qwen3ForMultiStream",  # §5
-    ("qwen2", BLOCKS): "Qwen2ForMultiStream",  # §6
-    ("qwen3", ROWS): "Qwen3ForCausalLM",  # §7: a stock class name + num_channels
-    ("qwen2", ROWS): "Qwen2ForCausalLM",
-    ("qwen3_5", ROWS): "StreamQwen3_5ForCausalLM",  # every Qwen3.5 variant (sec7 §8)
-}
-
 
 def warn(message: str) -> None:
     print(f"[WARNING] {message}", file=sys.stderr)
@@ -142,15 +113,14 @@ def text_config(config: dict) -> dict:
     return config.get("text_config") or config
 
 
-def detect(config: dict, src: Path) -> Tuple[str, Optional[str], str]:
-    """``(model family, implied layout or None, architecture)`` from ``config.json``;
-    the family is the model_type with the Qwen3.5 variants folded into ``qwen3_5``."""
-    model_type = ALIASES.get(config.get("model_type"), config.get("model_type"))
+def detect(config: dict, src: Path) -> Tuple[Family, Optional[str], str]:
+    """``(family, implied layout or None, architecture)`` from ``config.json``."""
+    family = find_family(config.get("model_type"))
     archs = list(config.get("architectures") or [])
-    if model_type not in CONVERTIBLE:
+    if family is None:
         raise ValueError(
             f"Unknown model_type {config.get('model_type')!r} in {src / 'config.json'}; "
-            f"the converter reads {', '.join(CONVERTIBLE)}."
+            f"the converter reads {', '.join(model_types())}."
         )
     if config.get("quantization") or config.get("quantization_config"):
         raise ValueError(
@@ -158,20 +128,21 @@ def detect(config: dict, src: Path) -> Tuple[str, Optional[str], str]:
             "convert the unquantized checkpoint instead."
         )
     if not archs:
-        return model_type, None, f"{model_type} (no architectures entry)"
+        return family, None, f"{config['model_type']} (no architectures entry)"
     arch = archs[0]
-    if arch not in ARCHITECTURES:
+    known = architectures()
+    if arch not in known:
         raise ValueError(
             f"Unknown architecture {arch!r} in {src / 'config.json'}; the converter "
-            f"reads {', '.join(ARCHITECTURES)}."
+            f"reads {', '.join(known)}."
         )
-    arch_type, layout = ARCHITECTURES[arch]
-    if arch_type != model_type:
+    arch_family, layout = known[arch]
+    if arch_family is not family:
         raise ValueError(
             f"Inconsistent config in {src / 'config.json'}: architecture {arch} is a "
-            f"{arch_type} model but model_type is {config['model_type']!r}."
+            f"{arch_family.name} model but model_type is {config['model_type']!r}."
         )
-    return model_type, layout, arch
+    return family, layout, arch
 
 
 def rename(weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
@@ -189,14 +160,15 @@ def stream_entry(
     config: dict,
     weights: Dict[str, mx.array],
     src: Path,
+    family: Family,
     arch_layout: Optional[str],
     *,
     layout: Optional[str],
     num_channels: Optional[int],
     channel_names: Optional[List[str]],
 ) -> Tuple[int, dict, str]:
-    """``(num_channels, stream facts, family description)``; the facts are
-    ``num_channels``, ``multistream`` and, for Qwen3.5, the DeltaNet modes."""
+    """``(num_channels, stream facts, description)``; the facts are
+    ``num_channels``, ``multistream`` and the family's own (Qwen3.5: DeltaNet modes)."""
     table = weights.get(CHANNEL_KEY)
     ms = dict(config.get("multistream") or {})
     arch = (config.get("architectures") or [config.get("model_type")])[0]
@@ -213,10 +185,8 @@ def stream_entry(
                 f"{CHANNEL_KEY} has {n} rows; using {n} (the tensor wins)."
             )
         found = arch_layout or ROWS  # a ForCausalLM with a channel table is §7
-        section = {("qwen3", BLOCKS): "§5", ("qwen2", BLOCKS): "§6"}.get(
-            (config["model_type"], found), "§7" if found == ROWS else ""
-        )
-        family = f"{section} {found} model ({arch})".strip()
+        section = family.sections.get(found, "")
+        about = f"{section} {found} model ({arch})".strip()
     else:
         if arch_layout is not None:
             raise ValueError(
@@ -230,8 +200,7 @@ def stream_entry(
                 f"Missing tensor {CHANNEL_KEY} in {src}; config.json has num_channels "
                 f"{config['num_channels']}, so it is a §7 stream checkpoint."
             )
-        # Qwen3.5 runs its DeltaNet state row by row: rows only (sec7 §5)
-        found = ROWS if ALIASES.get(config["model_type"]) == "qwen3_5" else BLOCKS
+        found = family.layouts[0]  # Qwen3.5 runs its DeltaNet state row by row: rows
         n = (
             num_channels
             or (len(channel_names) if channel_names else None)
@@ -240,7 +209,7 @@ def stream_entry(
             or (10 if (layout or ms.get("layout") or found) == ROWS else 3)
         )
         n = int(n)
-        family = f"plain {config['model_type']} base model ({arch}; new channel table)"
+        about = f"plain {config['model_type']} base model ({arch}; new channel table)"
     if layout is not None:
         ms["layout"] = layout
     ms.setdefault("layout", found)
@@ -254,7 +223,7 @@ def stream_entry(
             )
         ms["channel_names"] = list(channel_names)
     facts = stream_facts({**config, "num_channels": n, "multistream": ms}, {})
-    return n, facts, family
+    return n, facts, about
 
 
 def load_source_tokenizer(src: Path):
@@ -393,30 +362,27 @@ def convert(
     src = resolve_model_path(str(hf_path), revision)
     check_apart(dst, src, "--mlx-path")
     config = read_config(src)
-    model_type, arch_layout, _ = detect(config, src)
+    family, arch_layout, _ = detect(config, src)
     weights = rename(read_weights(src))
     if EMBED_KEY not in weights:
         raise ValueError(f"Missing tensor {EMBED_KEY} in {src}.")
-    n, facts, family = stream_entry(
+    n, facts, about = stream_entry(
         config,
         weights,
         src,
+        family,
         arch_layout,
         layout=layout,
         num_channels=num_channels,
         channel_names=channel_names,
     )
     ms = facts["multistream"]
-    if (model_type, ms["layout"]) not in REFERENCE_ARCHITECTURES:
-        raise ValueError(
-            f"{src} is a {model_type} model, which uses the {ROWS} layout only (its "
-            f"DeltaNet state runs row by row); got layout {ms['layout']!r}."
-        )
+    family.check_layout(ms["layout"], str(src))
     tokenizer = load_source_tokenizer(src)
     if ms["layout"] == ROWS and ms.get("silence_token_id") is None:
         ms["silence_token_id"] = silence_token_id(tokenizer)  # §7 §1.2: never hard-code
     stored = weights[EMBED_KEY].dtype
-    info(f"{src}: {family}, {n} channels, {str(stored).split('.')[-1]} weights.")
+    info(f"{src}: {about}, {n} channels, {str(stored).split('.')[-1]} weights.")
 
     cfg = {k: v for k, v in config.items() if k not in ("_name_or_path", "auto_map")}
     if "text_config" in cfg:
@@ -431,7 +397,7 @@ def convert(
     text["vocab_size"] = vocab
     cfg.update(
         facts,
-        architectures=[REFERENCE_ARCHITECTURES[(model_type, ms["layout"])]],
+        architectures=[family.saved_architectures[ms["layout"]]],
     )
     tied = {**cfg, **text}.get("tie_word_embeddings")
     if tied and "lm_head.weight" in weights:
@@ -498,7 +464,7 @@ def convert(
             tmp,
             name=upload_repo or dst.name,
             base=None if local else str(hf_path),
-            family=family,
+            family=about,
             config=cfg,
         )
     info(f"Wrote {dst}")

@@ -1,20 +1,22 @@
 # Copyright © 2026 mstream-mlx contributors.
 """MLX model folders (e.g. after LoRA fuse) back to PyTorch-loadable safetensors.
 
-The output is what the reference training writes (shared/reference §8): HF key names
-(MLX keeps them 1:1), ``config.json`` with the reference's ``architectures``
-(``Qwen*ForMultiStream`` for blocks models, ``Qwen*ForCausalLM`` + ``num_channels``
-for rows models) and ``num_channels`` always written (the reference's code defaults,
-5 or 3, would otherwise size the channel table), safetensors with ``format: pt``
-metadata (sharded ≤ 5 GB with an HF index when large), and the tokenizer files.
-Quantized folders are dequantized first.  torch is not needed.
+The output is what the reference training writes: HF key names (MLX keeps them 1:1),
+``config.json`` with the class name the family saves for the layout (the
+reference's ``Qwen*ForMultiStream`` for blocks models, ``Qwen*ForCausalLM`` +
+``num_channels`` for rows models) and ``num_channels`` always written (the
+reference's code defaults, 5 or 3, would otherwise size the channel table),
+safetensors with ``format: pt`` metadata (sharded ≤ 5 GB with an HF index when
+large), and the tokenizer files.  Quantized folders are dequantized first.  torch is
+not needed.
 
-Qwen3.5 (sec7 §8) undoes the model's ``sanitize``: conv weights back to ``[D, 1, K]``,
-the (1+w) norms back to w, stacked experts back to the fused ``gate_up_proj`` /
-``down_proj``; ``architectures`` is ``StreamQwen3_5ForCausalLM`` and the DeltaNet modes
-are written.  The w of the (1+w) norms is written in float32 (as ``A_log`` stays): then
-``(1+w) - 1`` is exact for 16-bit models, so MLX -> PyTorch -> MLX is bit-exact (for
-float32 models wherever 1+w >= 0.5; below that, w itself would need more bits).
+Each family undoes its own ``sanitize`` (``Family.to_reference``).  Qwen3.5's: conv
+weights back to ``[D, 1, K]``, the (1+w) norms back to w, stacked experts back to the
+fused ``gate_up_proj`` / ``down_proj``, plus its DeltaNet modes in ``config.json``.
+The w of the (1+w) norms is written in float32 (``Family.keep_fp32``, as ``A_log``
+stays): then ``(1+w) - 1`` is exact for 16-bit models, so MLX -> PyTorch -> MLX is
+bit-exact (for float32 models wherever 1+w >= 0.5; below that, w itself would need
+more bits).
 """
 
 import json
@@ -24,38 +26,13 @@ from typing import Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from mstream_mlx.models import ALIASES
-from mstream_mlx.models.qwen3_5 import ONE_PLUS_NORMS
+from mstream_mlx.models import family_for
 from mstream_mlx.utils import load_model, resolve_model_path
 
 from .folder import check_apart, check_destination, copy_side_files, output_folder
-from .hf_to_mlx import DTYPES, REFERENCE_ARCHITECTURES, info
+from .hf_to_mlx import DTYPES, info
 
 MLX_ONLY_KEYS = ("quantization", "quantization_config")
-DELTANET_KEYS = ("deltanet_block_causal", "deltanet_conv")
-
-
-def is_one_plus_norm(key: str) -> bool:
-    """A Qwen3.5 norm that PyTorch stores as w and MLX as 1 + w."""
-    return key.endswith(ONE_PLUS_NORMS) or key == "model.norm.weight"
-
-
-def qwen3_5_reference_weights(weights: dict) -> dict:
-    """The inverse of ``qwen3_5.Model.sanitize`` (MLX layout -> reference layout)."""
-    out = {}
-    for k, v in weights.items():
-        if k.endswith("conv1d.weight"):
-            v = v.moveaxis(1, 2)  # (D, K, 1) -> (D, 1, K)
-        elif is_one_plus_norm(k):
-            v = v.astype(mx.float32) - 1.0
-        out[k] = v
-    # stacked experts -> the fused layout of transformers >= 5 (gate rows, then up)
-    for k in [k for k in out if k.endswith(".switch_mlp.gate_proj.weight")]:
-        p = k.removesuffix(".switch_mlp.gate_proj.weight")
-        up = out.pop(f"{p}.switch_mlp.up_proj.weight")
-        out[f"{p}.experts.gate_up_proj"] = mx.concatenate([out.pop(k), up], axis=1)
-        out[f"{p}.experts.down_proj"] = out.pop(f"{p}.switch_mlp.down_proj.weight")
-    return out
 
 
 def save_torch_weights(folder: Path, weights: dict) -> None:
@@ -124,11 +101,13 @@ def export(
     weights = dict(tree_flatten(mlx_model.parameters()))
     target = getattr(mx, dtype) if dtype else weights["model.embed_tokens.weight"].dtype
     args = mlx_model.args
-    family = ALIASES.get(args.model_type, args.model_type)
-    cast = getattr(mlx_model, "cast_predicate", lambda _: True)  # Qwen3.5: not A_log
-    if family == "qwen3_5":
-        weights = qwen3_5_reference_weights(weights)
-        cast = lambda k, c=cast: c(k) and not is_one_plus_norm(k)  # noqa: E731
+    family = family_for(config)
+    weights = family.to_reference(weights)
+    model_cast = getattr(mlx_model, "cast_predicate", lambda _: True)  # not A_log
+
+    def cast(k: str) -> bool:
+        return model_cast(k) and not family.keep_fp32(k)
+
     weights = {
         k: v.astype(target) if cast(k) and mx.issubdtype(v.dtype, mx.floating) else v
         for k, v in weights.items()
@@ -139,15 +118,14 @@ def export(
     out = {k: v for k, v in config.items() if k not in MLX_ONLY_KEYS}
     dtype_name = str(target).split(".")[-1]
     out.update(
-        architectures=[REFERENCE_ARCHITECTURES[(family, layout)]],
+        architectures=[family.saved_architectures[layout]],
         num_channels=args.num_channels,
         multistream=args.multistream,  # harmless to transformers; kept for re-conversion
         torch_dtype=dtype_name,
     )
     if "dtype" in out:
         out["dtype"] = dtype_name
-    if family == "qwen3_5":  # the modes the model ran with (defaults included)
-        out.update({k: getattr(args, k) for k in DELTANET_KEYS})
+    out.update(family.extra_facts(vars(args)))  # as the model ran (defaults included)
     with output_folder(dst, force) as tmp:
         save_torch_weights(tmp, weights)
         (tmp / "config.json").write_text(

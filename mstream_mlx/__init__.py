@@ -3,6 +3,7 @@
 
 from .cache import load_prompt_cache, save_prompt_cache
 from .generate import generate, stream_generate
+from .mask import stream_mask
 from .sample import SamplingSettings
 from .schedules import BlocksOptions, RowsOptions
 from .session import Session, StepEvent
@@ -14,7 +15,6 @@ from .streams import (
     blocks_to_flat,
     chat_blocks,
     rows_to_flat,
-    stream_mask,
 )
 from .utils import load
 

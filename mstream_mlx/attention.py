@@ -4,13 +4,14 @@
 ``mx.fast.rope`` takes one offset per batch element, not one per token, but a
 multi-stream token's position is its timestep ``y``.  We gather cos/sin by position
 instead (measured 2x faster than ``fast.rope`` on CPU, and bit-for-bit the HF
-formula; shared/reference/mlx_notes.md §2.2).
+formula).
 """
 
-from typing import Tuple, Union
+from typing import Optional, Tuple, Union
 
 import mlx.core as mx
 from mlx_lm.models.base import scaled_dot_product_attention
+from mlx_lm.models.rope_utils import Llama3RoPE
 
 SMALL_QUERY = 16
 """Most new tokens (a decode row: one per stream) that :func:`stream_attention` sends
@@ -18,18 +19,32 @@ through :func:`masked_attention` on CUDA."""
 
 
 class StreamRoPE:
-    """Rotate-half RoPE (HF/Qwen convention) at arbitrary per-token positions.
+    """Rotate-half RoPE (HF/Qwen/Llama convention) at arbitrary per-token positions.
 
     Args:
         dims: rotated feature count (the full head_dim, or a prefix for partial RoPE).
         base: ``rope_theta``.
-        scale: linear position scaling (``1 / factor``).
+        scaling: the config's ``rope_scaling`` (or ``rope_parameters``): ``default``,
+            ``linear`` (positions times ``1 / factor``) or ``llama3`` (Llama 3's
+            per-frequency scaling, mlx-lm's ``Llama3RoPE`` frequencies).  Either way
+            the angle of a token is its own ``y`` times the frequencies.
     """
 
-    def __init__(self, dims: int, base: float, scale: float = 1.0):
+    def __init__(self, dims: int, base: float, scaling: Optional[dict] = None):
+        kind = rope_type(scaling)
         self.dims = dims
-        self.scale = scale
-        self.inv_freq = base ** (-mx.arange(0, dims, 2, dtype=mx.float32) / dims)
+        self.scale = 1.0
+        if kind == "default":
+            self.inv_freq = base ** (-mx.arange(0, dims, 2, dtype=mx.float32) / dims)
+        elif kind == "linear":
+            self.scale = 1.0 / float(scaling["factor"])
+            self.inv_freq = base ** (-mx.arange(0, dims, 2, dtype=mx.float32) / dims)
+        elif kind == "llama3":
+            # mlx-lm keeps wavelengths / 2 pi ("freqs" of mx.fast.rope): invert them
+            freqs = Llama3RoPE(dims, base=base, scaling_config=scaling)._freqs
+            self.inv_freq = 1.0 / freqs.astype(mx.float32)
+        else:
+            raise ValueError(f"RoPE scaling {kind!r} is not supported by mstream-mlx.")
         # Not a parameter, so load() does not evaluate it; a lazy array belongs to the
         # thread that built it and could not be evaluated by a worker thread stepping
         # a Session.
@@ -40,6 +55,12 @@ class StreamRoPE:
         ang = (positions.astype(mx.float32) * self.scale)[..., None] * self.inv_freq
         ang = ang[:, None]  # (B, 1, L, dims/2): broadcast over heads
         return mx.cos(ang), mx.sin(ang)
+
+
+def rope_type(scaling: Optional[dict]) -> str:
+    """The RoPE kind of a config's ``rope_scaling`` (``"default"`` when absent)."""
+    scaling = scaling or {}
+    return scaling.get("rope_type") or scaling.get("type", "default")
 
 
 def rope_pairs(cos: mx.array, sin: mx.array, dtype) -> Tuple[mx.array, mx.array]:
@@ -71,11 +92,6 @@ def apply_rope_pairs(x: mx.array, c: mx.array, s: mx.array) -> mx.array:
         return _rotate(x, c, s)
     # partial RoPE: the rest passes through
     return mx.concatenate([_rotate(x[..., :rot], c, s), x[..., rot:]], axis=-1)
-
-
-def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
-    """Rotate the first ``2 * cos.shape[-1]`` features of ``x`` ``[B, H, L, D]``."""
-    return apply_rope_pairs(x, *rope_pairs(cos, sin, x.dtype))
 
 
 def masked_attention(q, k, v, scale: float, mask: mx.array) -> mx.array:

@@ -2,8 +2,8 @@
 """Multi-stream KV cache: mlx-lm's ``KVCache`` plus the timestep ``y`` of every key.
 
 A decode step appends any number of tokens (one per active stream).  The mask of the
-new tokens against the cache comes from the stored ``y`` (the rule in
-``streams.stream_mask``), so tokens may enter the cache in any order.
+new tokens against the cache comes from the stored ``y`` (the rule and its shortcuts
+live in ``mask.py``), so tokens may enter the cache in any order.
 """
 
 import os
@@ -15,7 +15,6 @@ import numpy as np
 from mlx.utils import tree_unflatten
 from mlx_lm.models import cache as lm_cache
 
-from .streams import peer_mask, stream_mask
 
 
 class StreamKVCache(lm_cache.KVCache):
@@ -87,43 +86,6 @@ def push_positions(caches: List[StreamKVCache], positions: mx.array):
             c.ys, c.max_y = first.ys, first.max_y
         else:
             c.push_positions(positions)
-
-
-def attention_mask(positions: mx.array, cache: Optional[StreamKVCache]):
-    """What the model passes to SDPA for new tokens at ``positions``: the rule, in the
-    cheapest form that is exactly equal to it.
-
-    With a cache whose keys are all older than every new token: ``None`` for one new
-    token per row (a decode step of one stream sees everything), ``"causal"`` when the
-    new ``y`` strictly increase along each row (a single-stream prompt: the rule *is*
-    the causal mask, and fused kernels take it without a mask array).  Otherwise the
-    boolean array of :func:`make_mask`.  Without a cache (training, under
-    ``mx.compile``) the positions cannot be read: always the array.
-    """
-    if cache is None:
-        return make_mask(positions, None)
-    pos = np.array(positions)
-    if cache.offset == 0 or (pos.min(axis=1) > cache.max_y).all():
-        if pos.shape[1] == 1:
-            return None
-        if (np.diff(pos, axis=1) > 0).all():
-            return "causal"
-    return make_mask(positions, cache)
-
-
-def make_mask(positions: mx.array, cache: Optional[StreamKVCache]) -> mx.array:
-    """The boolean mask ``[B, 1, L, offset+L]`` for new tokens at ``positions``.
-
-    Fast path: when every cached key is older than every new token (the usual decode
-    step), the cached part is all True and the stored ``y`` are not read.
-    """
-    if cache is None or cache.offset == 0:
-        return stream_mask(positions, positions)
-    offset = cache.offset
-    if (np.array(positions).min(axis=1) > cache.max_y).all():
-        return peer_mask(positions, offset)
-    k_ys = mx.concatenate([cache.key_ys(), positions.astype(mx.int32)], axis=1)
-    return stream_mask(positions, k_ys, offset)
 
 
 def _cache_class(name: str):

@@ -1,5 +1,5 @@
 # Copyright © 2026 mstream-mlx contributors.
-"""Gated DeltaNet in stream mode (Qwen3.5 linear-attention layers; sec7_rows.md §5).
+"""Gated DeltaNet in stream mode (Qwen3.5 linear-attention layers; paper §7, ``docs/qwen3_5.md``).
 
 A rows-layout sequence is row-major: token ``i = r*C + c`` is stream ``c`` at row ``r``.
 Two things in a DeltaNet layer look back in time, and both must respect streams:
@@ -15,7 +15,7 @@ no code here beyond :func:`to_columns`.  The state layout follows mlx-lm:
 ``[..., Dv, Dk]`` (the transpose of the PyTorch/fla ``[..., Dk, Dv]``).
 """
 
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -27,6 +27,27 @@ COLUMN = "column"
 BLOCK_CAUSAL = "block_causal"
 DELTA_MODES = (COLUMN, BLOCK_CAUSAL)
 CONV_MODES = (COLUMN,)
+
+# The DeltaNet modes when config.json has none: the reference code's defaults (the
+# Stream-27B run itself saved column / column; docs/qwen3_5.md).
+DELTANET_DEFAULTS = {"deltanet_block_causal": BLOCK_CAUSAL, "deltanet_conv": COLUMN}
+
+
+def deltanet_facts(config: dict) -> Dict[str, str]:
+    """The DeltaNet modes of a config (top level or ``text_config``), defaults filled
+    in; a missing ``deltanet_block_causal`` warns, since the two choices differ."""
+    text = config.get("text_config") or {}
+    facts = {}
+    for key, default in DELTANET_DEFAULTS.items():
+        facts[key] = config.get(key, text.get(key))
+        if facts[key] is None:
+            facts[key] = default
+            if key == "deltanet_block_causal":
+                print(
+                    f"[WARNING] config.json has no {key}; using the reference "
+                    f"code's default {default!r} (Stream-27B used 'column')."
+                )
+    return facts
 
 
 def to_columns(x: mx.array, num_channels: int) -> mx.array:
@@ -51,7 +72,7 @@ def column_conv(
     num_channels: int,
     history: Optional[mx.array] = None,
 ) -> Tuple[mx.array, mx.array]:
-    """The depthwise causal conv along each stream (§5.2 ``column``), no activation.
+    """The depthwise causal conv along each stream (``deltanet_conv: column``), no activation.
 
     ``out[r, c] = sum_k w[K-1-k] * x[r-k, c]`` with ``x[<0] = 0``: a causal conv with
     dilation C on the flat sequence.
@@ -98,7 +119,7 @@ def block_causal_delta(
     *,
     use_kernel: bool = True,
 ) -> Tuple[mx.array, mx.array]:
-    """The ``block_causal`` gated delta rule (§5.1): shared state, row-forked outputs.
+    """The ``block_causal`` gated delta rule: shared state, row-forked outputs.
 
     With ``S`` the state after all earlier rows, token t of a row gives
     ``S_t = g_t S``, ``d_t = beta_t (v_t - S_t k_t)`` and

@@ -29,7 +29,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Union
 import mlx.core as mx
 import numpy as np
 
-from .cache import load_prompt_cache, make_mask, save_prompt_cache
+from .cache import load_prompt_cache, save_prompt_cache
+from .mask import make_mask
 from .prefill import DEFAULT_PREFILL_STEP, prefill
 from .sample import SamplingSettings, SilencePenalty, StreamSampler
 from .schedules import (

@@ -1,6 +1,7 @@
 # Copyright © 2026 mstream-mlx contributors.
 """Loading multi-stream models: MLX folders, reference (PyTorch-side) safetensors
-folders and plain Qwen base models, from a local path or the Hugging Face Hub."""
+folders and plain base models of a supported family, from a local path or the
+Hugging Face Hub."""
 
 import glob
 import json
@@ -11,16 +12,9 @@ from typing import Any, Dict, Optional, Tuple
 import mlx.nn as nn
 from mlx_lm.utils import load_config, load_model as lm_load_model, load_tokenizer
 
-from .models import get_model_classes
-from .models.qwen3 import CHANNEL_KEY
+from .models import architectures, family_for, get_model_classes
+from .models.base import CHANNEL_KEY
 from .streams import BLOCKS, ROWS, StreamSpec, blocks_spec, rows_spec, silence_token_id
-
-# Qwen3.5 DeltaNet modes when config.json has none: the reference code's defaults
-# (sec7 §5.1-§5.2; the Stream-27B run itself saved column / column).
-DELTANET_DEFAULTS = {
-    "deltanet_block_causal": "block_causal",
-    "deltanet_conv": "column",
-}
 
 # What snapshot_download fetches for a model (mlx-lm's list plus PyTorch .bin weights
 # for the converter).
@@ -78,29 +72,26 @@ def safetensors_shapes(folder: Path) -> Dict[str, Tuple[int, ...]]:
 
 
 def stream_facts(config: Dict[str, Any], shapes: Dict[str, Tuple[int, ...]]) -> dict:
-    """``num_channels`` and the ``multistream`` entry for a checkpoint's config.
+    """``num_channels``, the ``multistream`` entry and the family's own facts (e.g.
+    Qwen3.5's DeltaNet modes) for a checkpoint's config.
 
     The channel count comes from the channel embedding's shape when there is one
     (the reference's config defaults are unreliable: §5 says 5, §6 says 3).  The
-    layout comes from ``config["multistream"]`` (our folders) or, for checkpoints
-    written by the reference code, from how it names its classes: §5-6
-    ``Qwen*ForMultiStream`` are blocks models, §7 ``Qwen3ForCausalLM`` with
-    ``num_channels`` is a rows model.  A plain base model gets a blocks spec, except
-    Qwen3.5 (§7 ``StreamQwen3_5ForCausalLM``), which is always a rows model: its
-    DeltaNet state runs row by row.  Qwen3.5 configs may nest a ``text_config``; their
-    DeltaNet modes default to the reference code's (block_causal / column, §5).
+    layout comes from ``config["multistream"]`` (our folders), else from the family:
+    a family with one layout (Qwen3.5: its DeltaNet state runs row by row) uses it,
+    an architecture that implies one (the reference's §5-6 ``Qwen*ForMultiStream``:
+    blocks) gives it, and otherwise a config with ``num_channels`` (§7
+    ``Qwen3ForCausalLM``) is a rows model and a plain base model a blocks one.
     """
+    family = family_for(config)
     shape = shapes.get(CHANNEL_KEY) or shapes.get(
         CHANNEL_KEY.replace("model.", "model.language_model.")
     )
     text = config.get("text_config") or {}
     num_channels = config.get("num_channels", text.get("num_channels"))
-    hybrid = str(config.get("model_type", "")).startswith("qwen3_5")
     ms = dict(config.get("multistream") or {})
-    archs = " ".join(config.get("architectures") or [])
     if "layout" not in ms:
-        rows = hybrid or ("ForMultiStream" not in archs and num_channels is not None)
-        ms["layout"] = ROWS if rows else BLOCKS
+        ms["layout"] = implied_layout(config, family, num_channels is not None)
     if shape is not None:
         n = shape[0]
     elif num_channels is not None:
@@ -112,18 +103,18 @@ def stream_facts(config: Dict[str, Any], shapes: Dict[str, Tuple[int, ...]]) -> 
         base = rows_spec(n) if ms["layout"] == ROWS else blocks_spec(n)
         ms = {**base.to_config(), **ms}
     StreamSpec.from_config(ms, n)  # validate now: one clear error at load time
-    facts = {"num_channels": n, "multistream": ms}
-    if hybrid:
-        for key, default in DELTANET_DEFAULTS.items():
-            facts[key] = config.get(key, text.get(key))
-            if facts[key] is None:
-                facts[key] = default
-                if key == "deltanet_block_causal":  # sec7 §10 pitfall 3
-                    print(
-                        f"[WARNING] config.json has no {key}; using the reference "
-                        f"code's default {default!r} (Stream-27B used 'column')."
-                    )
-    return facts
+    return {"num_channels": n, "multistream": ms, **family.extra_facts(config)}
+
+
+def implied_layout(config: Dict[str, Any], family, has_channels: bool) -> str:
+    """The layout a config implies when it names none (see :func:`stream_facts`)."""
+    if len(family.layouts) == 1:
+        return family.layouts[0]
+    known = architectures()
+    for arch in config.get("architectures") or []:
+        if arch in known and known[arch][1] is not None:
+            return known[arch][1]
+    return ROWS if has_channels else BLOCKS
 
 
 def load_model(

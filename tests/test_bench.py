@@ -165,7 +165,8 @@ def test_cli_errors(args, message):
 
 def test_masked_attention_equals_sdpa():
     from mstream_mlx.attention import masked_attention
-    from mstream_mlx.cache import StreamKVCache, make_mask
+    from mstream_mlx.cache import StreamKVCache
+    from mstream_mlx.mask import make_mask
 
     mx.random.seed(1)
     q = mx.random.normal((1, 4, 3, 16))

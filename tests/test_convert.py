@@ -32,7 +32,7 @@ import mstream_mlx
 from mstream_mlx.cli.main import app
 from mstream_mlx.convert.hf_to_mlx import convert
 from mstream_mlx.convert.mlx_to_torch import export
-from mstream_mlx.models.qwen3 import CHANNEL_KEY
+from mstream_mlx.models.base import CHANNEL_KEY
 from tests.reference import RefModel, random_state_dict, write_reference_checkpoint
 from tests.test_parity import blocks_flat, max_diff, ref_logits, rows_flat
 from tests.tiny import make_tokenizer, tiny_config
@@ -40,7 +40,7 @@ from tests.tiny import make_tokenizer, tiny_config
 TOL = 1e-4
 BF16_REL = 1e-2
 
-# family -> how the reference names and sizes it (shared/reference §8 of both specs)
+# family -> how the reference names and sizes it (paper §5-§7; docs/convert.md)
 FAMILIES = {
     # §5: the reference config usually lacks num_channels (code default 5): read the tensor
     "sec5": dict(model_type="qwen3", arch="Qwen3ForMultiStream", channels=3, config_key=False),
@@ -390,12 +390,12 @@ def _cfg(**changes):
 
 # name, checkpoint kwargs, extra CLI flags, message (a regex)
 ERRORS = [
-    ("unknown model_type", dict(config_fn=_cfg(model_type="llama")), [],
-     r"Unknown model_type 'llama' in .*config\.json; the converter reads qwen3, qwen2"),
-    ("unknown architecture", dict(arch="LlamaForCausalLM"), [],
-     r"Unknown architecture 'LlamaForCausalLM' in .*config\.json"),
+    ("unknown model_type", dict(config_fn=_cfg(model_type="mistral")), [],
+     r"Unknown model_type 'mistral' in .*config\.json; the converter reads llama, qwen2, qwen3"),
+    ("unknown architecture", dict(arch="MistralForCausalLM"), [],
+     r"Unknown architecture 'MistralForCausalLM' in .*config\.json"),
     ("qwen3_next", dict(config_fn=_cfg(model_type="qwen3_next")), [],
-     r"Unknown model_type 'qwen3_next' in .*config\.json; the converter reads qwen3, qwen2, qwen3_5"),
+     r"Unknown model_type 'qwen3_next' in .*config\.json; the converter reads llama, qwen2, qwen3, qwen3_5"),
     ("qwen3.5 type, qwen3 class", dict(config_fn=_cfg(model_type="qwen3_5_text")), [],
      r"architecture Qwen3ForMultiStream is a qwen3 model but model_type is 'qwen3_5_text'"),
     ("architecture vs model_type", dict(config_fn=_cfg(model_type="qwen2")), [],

@@ -1,5 +1,5 @@
 # Copyright © 2026 mstream-mlx contributors.
-"""Converters for Qwen3.5 hybrid multi-stream models (sec7_rows.md §5, §8).
+"""Converters for Qwen3.5 hybrid multi-stream models (paper §7; ``docs/qwen3_5.md``).
 
 Tiny reference checkpoints (tests/reference/torch_qwen3_5.py: PyTorch layout, conv
 ``[D, 1, K]``, (1+w) norms stored as w) are converted, loaded with ``mstream_mlx.load``
@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 import mstream_mlx
 from mstream_mlx.convert.hf_to_mlx import convert
 from mstream_mlx.convert.mlx_to_torch import export
-from mstream_mlx.models.qwen3 import CHANNEL_KEY
+from mstream_mlx.models.base import CHANNEL_KEY
 from mstream_mlx.streams import silence_token_id
 from tests.reference.checkpoint import write_reference_checkpoint
 from tests.reference.torch_qwen3_5 import RefQwen35Model, random_qwen3_5_state_dict

@@ -110,8 +110,8 @@ def test_hub_id_through_the_offline_cache(tiny_checkpoint, tmp_path, monkeypatch
 
 
 ERRORS = [
-    ("unknown model_type", lambda f: edit_config(f, model_type="llama"), ValueError,
-     r"Model type 'llama' is not supported by mstream-mlx \(supported: qwen2, qwen3"),
+    ("unknown model_type", lambda f: edit_config(f, model_type="mistral"), ValueError,
+     r"Model type 'mistral' is not supported by mstream-mlx \(supported: llama, qwen2, qwen3"),
     ("role gating", lambda f: edit_config(f, role_gating_enabled=True), ValueError,
      "enables role gating"),
     ("missing tensor", lambda f: edit_weights(f, lambda w: {k: v for k, v in w.items() if "layers.1.mlp.up_proj" not in k}),
@@ -139,3 +139,27 @@ def test_bad_folders_fail_in_one_line(tiny_checkpoint, tmp_path, name, breakit, 
 def test_missing_path_is_one_line(tmp_path):
     with pytest.raises(FileNotFoundError, match="No model folder at"):
         mstream_mlx.load(str(tmp_path / "nope" / "x" / "y"))
+
+
+def test_registry_is_built_from_the_family_files():
+    from mstream_mlx.models import architectures, families, find_family, get_model_classes
+
+    assert [f.name for f in families()] == ["llama", "qwen2", "qwen3", "qwen3_5"]
+    assert find_family("qwen3_5_moe_text").name == "qwen3_5" and find_family("gpt2") is None
+    assert architectures()["Qwen2ForMultiStream"] == (find_family("qwen2"), "blocks")
+    assert architectures()["Qwen3ForCausalLM"] == (find_family("qwen3"), None)
+    for f in families():  # every family saves a class name the registry reads back
+        for layout, arch in f.saved_architectures.items():
+            implied = architectures()[arch]
+            assert implied[0] is f and implied[1] in (None, layout)
+        model_class, _ = get_model_classes({"model_type": f.model_types[-1]})
+        assert model_class.__module__ == f"mstream_mlx.models.{f.name}"
+
+
+@pytest.mark.parametrize("model_type", ["qwen3", "qwen2"])
+def test_models_keep_the_written_contract(tiny_checkpoint, model_type):
+    from mstream_mlx.models.base import Backbone, MultiStreamModel
+
+    model, _ = mstream_mlx.load(tiny_checkpoint(model_type, "rows"))
+    assert isinstance(model, MultiStreamModel) and isinstance(model.model, Backbone)
+    assert not isinstance(model.model, MultiStreamModel)  # the check can fail

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import mstream_mlx
-from mstream_mlx import cache as cache_module
+from mstream_mlx import mask as mask_module
 from mstream_mlx.attention import StreamRoPE
 from mstream_mlx.prefill import prefill
 from mstream_mlx.streams import (
@@ -19,8 +19,8 @@ from mstream_mlx.streams import (
     blocks_to_flat,
     chat_blocks,
     rows_to_flat,
-    stream_mask,
 )
+from mstream_mlx.mask import stream_mask
 from tests.reference import RefModel
 
 TOL = 1e-4
@@ -150,7 +150,7 @@ def test_parity(pair, case):
 def test_parity_catches_wrong_diagonal(pair, monkeypatch):
     def no_self(q_ys, k_ys, offset=0):
         return stream_mask(q_ys, k_ys, offset) & ~(k_ys[:, None, None, :] == q_ys[:, None, :, None])
-    monkeypatch.setattr(cache_module, "stream_mask", no_self)
+    monkeypatch.setattr(mask_module, "stream_mask", no_self)
     assert rows_prefill(*pair) > 1e-3
 
 

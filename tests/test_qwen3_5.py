@@ -2,7 +2,8 @@
 """Qwen3.5 hybrid multi-stream models: DeltaNet stream modes, cache, loading, parity.
 
 The PyTorch side is ``tests/reference/torch_qwen3_5.py`` (naive loops, written from
-sec7_rows.md §2-§5); vectors are sec7_rows.md §11.2 and §11.3.
+the rules in ``docs/qwen3_5.md``); the §11.2 and §11.3 vectors are the Stream-27B
+reference's own test vectors (column conv, delta rule).
 """
 
 import copy

@@ -1,12 +1,13 @@
 # Copyright © 2026 mstream-mlx contributors.
 """The (channel, y) core: the mask rule against the reference test vectors
-(shared/reference/*.md §11), layouts, positions and stream specs."""
+(the reference code's test vectors), layouts, positions and stream specs."""
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from mstream_mlx.cache import StreamKVCache, make_mask
+from mstream_mlx.cache import StreamKVCache
+from mstream_mlx.mask import make_mask, peer_mask, stream_mask
 from mstream_mlx.streams import (
     Block,
     ChatTokens,
@@ -14,10 +15,8 @@ from mstream_mlx.streams import (
     blocks_spec,
     blocks_to_flat,
     chat_blocks,
-    peer_mask,
     rows_spec,
     rows_to_flat,
-    stream_mask,
     timestep_order,
 )
 

@@ -4,7 +4,17 @@
 from dataclasses import dataclass
 from typing import ClassVar
 
+from ..streams import BLOCKS, ROWS
 from . import qwen3
+from .base import Family
+
+FAMILY = Family(
+    name="qwen2",
+    model_types=("qwen2",),
+    architectures={"Qwen2ForMultiStream": BLOCKS, "Qwen2ForCausalLM": None},
+    saved_architectures={BLOCKS: "Qwen2ForMultiStream", ROWS: "Qwen2ForCausalLM"},
+    sections={BLOCKS: "§6", ROWS: "§7"},
+)
 
 
 @dataclass

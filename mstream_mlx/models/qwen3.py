@@ -3,7 +3,7 @@
 token's timestep and the block-causal stream mask (paper §5 and §7)."""
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Dict, List, Optional, Union
+from typing import ClassVar, Dict, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -11,13 +11,19 @@ from mlx.nn.layers.distributed import shard_linear
 from mlx_lm.models.base import BaseModelArgs
 from mlx_lm.models.qwen3 import MLP
 
-from ..attention import StreamRoPE, apply_rope_pairs, rope_pairs, stream_attention
-from ..cache import StreamKVCache, attention_mask, push_positions
-from ..streams import StreamSpec
+from ..attention import StreamRoPE, apply_rope_pairs, stream_attention
+from ..streams import BLOCKS, ROWS
+from .base import Family, StreamModel, stream_inputs
 
-# Keys the reference checkpoints carry for its (disabled) role gating: never used.
-REFERENCE_ONLY_KEYS = ("gate_in_norm", "role_gating")
-CHANNEL_KEY = "model.channel_embedding.weight"
+FAMILY = Family(
+    name="qwen3",
+    model_types=("qwen3",),
+    # how the reference code names its classes (paper §5: blocks; §7 Stream-8B: a
+    # stock class name plus num_channels)
+    architectures={"Qwen3ForMultiStream": BLOCKS, "Qwen3ForCausalLM": None},
+    saved_architectures={BLOCKS: "Qwen3ForMultiStream", ROWS: "Qwen3ForCausalLM"},
+    sections={BLOCKS: "§5", ROWS: "§7"},
+)
 
 
 @dataclass
@@ -58,17 +64,6 @@ class ModelArgs(BaseModelArgs):
                 "This checkpoint enables role gating (role_gating_enabled: true), "
                 "which mstream-mlx does not implement."
             )
-
-    @property
-    def rope_scale(self) -> float:
-        kind = (self.rope_scaling or {}).get("rope_type") or (
-            self.rope_scaling or {}
-        ).get("type", "default")
-        if kind == "default":
-            return 1.0
-        if kind == "linear":
-            return 1.0 / float(self.rope_scaling["factor"])
-        raise ValueError(f"RoPE scaling {kind!r} is not supported by mstream-mlx.")
 
 
 class Attention(nn.Module):
@@ -119,86 +114,28 @@ class TransformerBlock(nn.Module):
 
 
 class Qwen3Model(nn.Module):
+    block = TransformerBlock  # a family with the same stack but other blocks swaps it
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.channel_embedding = nn.Embedding(args.num_channels, args.hidden_size)
-        self.layers = [TransformerBlock(args) for _ in range(args.num_hidden_layers)]
+        self.layers = [self.block(args) for _ in range(args.num_hidden_layers)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-        self._rope = StreamRoPE(args.head_dim, args.rope_theta, args.rope_scale)
+        self.rope = StreamRoPE(args.head_dim, args.rope_theta, args.rope_scaling)
 
     def __call__(self, inputs, channels, positions, cache=None, mask=None) -> mx.array:
-        # paper §3: the channel embedding is added once, before layer 0
-        h = self.embed_tokens(inputs) + self.channel_embedding(channels)
-        # cos/sin gathered by y, cast and paired once for all layers
-        rope = rope_pairs(*self._rope.tables(positions), h.dtype)
-        if cache is None:
-            cache = [None] * len(self.layers)
-        if mask is None:
-            mask = attention_mask(positions, cache[0])
-        if cache[0] is not None:
-            push_positions(cache, positions)
+        h, rope, mask, cache = stream_inputs(
+            self, inputs, channels, positions, cache, mask
+        )
         for layer, c in zip(self.layers, cache):
             h = layer(h, rope, mask, c)
         return self.norm(h)
 
 
-class Model(nn.Module):
-    def __init__(self, args: ModelArgs, inner=None):
-        super().__init__()
-        self.args = args
-        self.model_type = args.model_type
-        self.model = (inner or Qwen3Model)(args)  # qwen3_5 brings its hybrid stack
-        if not args.tie_word_embeddings:
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-
-    def __call__(
-        self,
-        inputs: mx.array,
-        *,
-        channels: mx.array,
-        positions: mx.array,
-        cache: Optional[List[Any]] = None,
-        mask: Optional[mx.array] = None,
-    ) -> mx.array:
-        """Logits ``[B, L, V]``; the logit of token (c, y) predicts stream c at y + 1.
-
-        Args:
-            inputs, channels, positions: ``[B, L]`` int arrays (token id, channel, y).
-            cache: from :meth:`make_cache` for incremental use (changed in place).
-            mask: optional boolean ``[B, 1, L, S]``; derived from ``positions`` if None.
-        """
-        if not inputs.shape == channels.shape == positions.shape:
-            raise ValueError(
-                f"inputs, channels and positions must have one shape, got "
-                f"{inputs.shape}, {channels.shape} and {positions.shape}."
-            )
-        return self.lm_logits(self.model(inputs, channels, positions, cache, mask))
-
-    def lm_logits(self, h: mx.array) -> mx.array:
-        """The shared LM head (tied or not) applied to hidden states."""
-        if self.args.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(h)
-        return self.lm_head(h)
-
-    def sanitize(self, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
-        out = {}
-        for k, v in weights.items():
-            if any(r in k for r in REFERENCE_ONLY_KEYS):
-                continue
-            out[k.replace("model.language_model.", "model.")] = v
-        if self.args.tie_word_embeddings:
-            out.pop("lm_head.weight", None)
-        if CHANNEL_KEY not in out:
-            # A plain base model: start the channel table at N(0, 0.02) (the
-            # reference's init) so it can be fine-tuned into a multi-stream model.
-            print(
-                "[WARNING] The checkpoint has no channel embedding; initialised "
-                f"{self.args.num_channels} channels at N(0, 0.02) for fine-tuning."
-            )
-            shape = (self.args.num_channels, self.args.hidden_size)
-            out[CHANNEL_KEY] = 0.02 * mx.random.normal(shape, key=mx.random.key(0))
-        return out
+class Model(StreamModel):
+    def __init__(self, args: ModelArgs, backbone: type = Qwen3Model):
+        super().__init__(args, backbone)
 
     def shard(self, group: Optional[mx.distributed.Group] = None):
         """Split every layer over ``group`` for tensor-parallel inference (mlx-lm's
@@ -240,20 +177,3 @@ class Model(nn.Module):
                 setattr(module, name, linear)
             layer.self_attn.n_heads //= N
             layer.self_attn.n_kv_heads //= N
-
-    def make_cache(self) -> List[StreamKVCache]:
-        return [StreamKVCache() for _ in self.layers]
-
-    @property
-    def layers(self):
-        return self.model.layers
-
-    @property
-    def streams(self) -> StreamSpec:
-        """Names, inputs, layout and silence token of this model's streams."""
-        return StreamSpec.from_config(self.args.multistream or {}, self.args.num_channels)
-
-    @property
-    def quant_predicate(self):
-        # Keep the tiny channel table exact; nn.quantize would otherwise take it.
-        return lambda path, module: not path.endswith("channel_embedding")

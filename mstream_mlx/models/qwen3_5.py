@@ -1,5 +1,5 @@
 # Copyright © 2026 mstream-mlx contributors.
-"""Qwen3.5 hybrid multi-stream model (Stream-27B; paper §7, sec7_rows.md §2-§5, §8).
+"""Qwen3.5 hybrid multi-stream model (Stream-27B; paper §7; ``docs/qwen3_5.md``).
 
 Gated DeltaNet layers with per-stream state (``deltanet.py``) and, every
 ``full_attention_interval``-th layer, gated full attention with (1+w) q/k norms and
@@ -14,19 +14,20 @@ from typing import Any, Dict, List, Optional
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models import qwen3_5 as lm_qwen3_5
-from mlx_lm.models.base import BaseModelArgs, scaled_dot_product_attention
+from mlx_lm.models.base import BaseModelArgs
 from mlx_lm.models.gated_delta import compute_g, normalize_qk
 from mlx_lm.models.qwen3_next import Qwen3NextMLP as MLP
 from mlx_lm.models.qwen3_next import Qwen3NextSparseMoeBlock as SparseMoeBlock
 
-from ..attention import StreamRoPE, apply_rope
-from ..cache import StreamKVCache, make_mask
+from ..attention import StreamRoPE, apply_rope_pairs, stream_attention
+from ..cache import StreamKVCache
 from ..deltanet import (
     BLOCK_CAUSAL,
     CONV_MODES,
     DELTA_MODES,
     DeltaNetCache,
     block_causal_delta,
+    deltanet_facts,
     check_rows,
     check_whole_rows,
     column_conv,
@@ -35,6 +36,7 @@ from ..deltanet import (
 )
 from ..streams import ROWS
 from . import qwen3
+from .base import Family, stream_inputs
 
 # Stream facts live at the top of config.json even when the model nests a text_config.
 STREAM_KEYS = (
@@ -44,7 +46,7 @@ STREAM_KEYS = (
     "deltanet_block_causal",
     "deltanet_conv",
 )
-# (1+w) norms: PyTorch stores w, MLX stores 1+w (sec7 §8). Never channel_embedding or
+# (1+w) norms: PyTorch stores w, MLX stores 1+w. Never channel_embedding or
 # linear_attn.norm, which are plain gains.
 ONE_PLUS_NORMS = (
     ".input_layernorm.weight",
@@ -53,6 +55,49 @@ ONE_PLUS_NORMS = (
     ".k_norm.weight",
 )
 DROPPED_PREFIXES = ("mtp.", "model.mtp.", "model.visual.", "vision_tower.")
+def is_one_plus_norm(key: str) -> bool:
+    """A norm that PyTorch stores as w and MLX as 1 + w."""
+    return key.endswith(ONE_PLUS_NORMS) or key == "model.norm.weight"
+
+
+def reference_weights(weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
+    """The inverse of :meth:`Model.sanitize` (MLX layout -> reference layout)."""
+    out = {}
+    for k, v in weights.items():
+        if k.endswith("conv1d.weight"):
+            v = v.moveaxis(1, 2)  # (D, K, 1) -> (D, 1, K)
+        elif is_one_plus_norm(k):
+            v = v.astype(mx.float32) - 1.0
+        out[k] = v
+    # stacked experts -> the fused layout of transformers >= 5 (gate rows, then up)
+    for k in [k for k in out if k.endswith(".switch_mlp.gate_proj.weight")]:
+        p = k.removesuffix(".switch_mlp.gate_proj.weight")
+        up = out.pop(f"{p}.switch_mlp.up_proj.weight")
+        out[f"{p}.experts.gate_up_proj"] = mx.concatenate([out.pop(k), up], axis=1)
+        out[f"{p}.experts.down_proj"] = out.pop(f"{p}.switch_mlp.down_proj.weight")
+    return out
+
+
+FAMILY = Family(
+    name="qwen3_5",
+    # HF text-only and MoE variants share this file
+    model_types=("qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text"),
+    architectures={
+        "StreamQwen3_5ForCausalLM": ROWS,  # the reference's Stream-27B class
+        "Qwen3_5ForCausalLM": None,
+        "Qwen3_5ForConditionalGeneration": None,
+        "Qwen3_5MoeForCausalLM": None,
+        "Qwen3_5MoeForConditionalGeneration": None,
+    },
+    saved_architectures={ROWS: "StreamQwen3_5ForCausalLM"},
+    layouts=(ROWS,),
+    sections={ROWS: "§7"},
+    layout_note=" (its DeltaNet state runs row by row)",
+    to_reference=reference_weights,
+    # (1+w) - 1 is exact in float32, so MLX -> PyTorch -> MLX is bit-exact
+    keep_fp32=is_one_plus_norm,
+    extra_facts=deltanet_facts,
+)
 
 
 @dataclass
@@ -84,7 +129,7 @@ class ModelArgs(BaseModelArgs):
     moe_intermediate_size: int = 0
     shared_expert_intermediate_size: int = 0
     norm_topk_prob: bool = True
-    # multi-stream; the DeltaNet defaults are the reference code's (sec7 §5.1, §5.2)
+    # multi-stream; the DeltaNet defaults are the reference code's (docs/qwen3_5.md)
     num_channels: int = 0
     multistream: Optional[dict] = None
     role_gating_enabled: bool = False
@@ -104,7 +149,7 @@ class ModelArgs(BaseModelArgs):
         kind = rope.get("rope_type", rope.get("type", "default"))
         if kind != "default":
             raise ValueError(f"RoPE type {kind!r} is not supported for Qwen3.5.")
-        # sec7 §2: mRoPE with (row, row, row) ids is exactly partial RoPE at y.
+        # mRoPE with (row, row, row) ids is exactly partial RoPE at y.
         self.rope_theta = self.rope_theta or rope.get("rope_theta")
         if self.rope_theta is None:
             raise ValueError("rope_theta is missing from the model config.")
@@ -175,12 +220,12 @@ class Attention(nn.Module):
         q, gate = mx.split(self.q_proj(x).reshape(B, L, self.n_heads, -1), 2, axis=-1)
         k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)
         v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1)
-        q = apply_rope(self.q_norm(q).transpose(0, 2, 1, 3), *rope)  # (B, H, L, D)
-        k = apply_rope(self.k_norm(k).transpose(0, 2, 1, 3), *rope)  # (B, Hkv, L, D)
+        q = apply_rope_pairs(self.q_norm(q).transpose(0, 2, 1, 3), *rope)  # (B, H, L, D)
+        k = apply_rope_pairs(self.k_norm(k).transpose(0, 2, 1, 3), *rope)  # (B, Hkv, L, D)
         v = v.transpose(0, 2, 1, 3)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        out = scaled_dot_product_attention(q, k, v, cache, scale=self.scale, mask=mask)
+        out = stream_attention(q, k, v, cache, scale=self.scale, mask=mask)
         out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)
         return self.o_proj(out * mx.sigmoid(gate.reshape(B, L, -1)))
 
@@ -196,7 +241,7 @@ class GatedDeltaNet(lm_qwen3_5.GatedDeltaNet):
     def __call__(self, x: mx.array, cache: Optional[DeltaNetCache] = None) -> mx.array:
         C = self.num_channels
         if not self.block_causal:
-            # sec7 §5.4: column conv + column state is the unmodified layer with
+            # column conv + column state is the unmodified layer with
             # streams on the batch axis.
             out = super().__call__(to_columns(x, C), None, cache)
             return from_columns(out, C)
@@ -255,27 +300,20 @@ class Qwen3_5Model(nn.Module):
         self.layers = [DecoderLayer(args, i) for i in range(args.num_hidden_layers)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         rotary = int(args.head_dim * args.partial_rotary_factor)
-        self._rope = StreamRoPE(rotary, args.rope_theta)
+        self.rope = StreamRoPE(rotary, args.rope_theta)
         full = [i for i, l in enumerate(self.layers) if not l.is_linear]
         self.fa_idx = full[0] if full else None  # whose cache builds the mask
 
     def __call__(self, inputs, channels, positions, cache=None, mask=None) -> mx.array:
         C = self.num_channels
         check_whole_rows(inputs.shape[1], C)
-        # paper §3: the channel embedding is added once, before layer 0
-        h = self.embed_tokens(inputs) + self.channel_embedding(channels)
-        rope = self._rope.tables(positions)  # shared by all attention layers
-        if cache is None:
-            cache = [None] * len(self.layers)
-        else:
+        if cache is not None:
             # Checked only with a cache: training (no cache) runs under mx.compile,
             # where the values cannot be read; its batches are row-major by make.
             check_rows(channels, positions, C, cache[0].max_y)
-        if mask is None and self.fa_idx is not None:
-            mask = make_mask(positions, cache[self.fa_idx])
-        if cache[0] is not None:
-            for c in cache:
-                c.push_positions(positions)
+        h, rope, mask, cache = stream_inputs(
+            self, inputs, channels, positions, cache, mask, mask_cache=self.fa_idx
+        )
         for layer, c in zip(self.layers, cache):
             h = layer(h, rope, mask, c)
         return self.norm(h)
@@ -295,7 +333,7 @@ class Model(qwen3.Model):
             if not k.startswith(DROPPED_PREFIXES)
         }
         # prefixes, reference-only keys, tied head, channel table for a base model
-        weights = qwen3.Model.sanitize(self, weights)
+        weights = super().sanitize(weights)
         # PyTorch layout (conv weight [D, 1, K]) also means (1+w) norms stored as w.
         torch_layout = any(
             "conv1d.weight" in k and v.shape[-1] != 1 for k, v in weights.items()
@@ -303,9 +341,7 @@ class Model(qwen3.Model):
         for k, v in list(weights.items()):
             if "conv1d.weight" in k and v.shape[-1] != 1:
                 weights[k] = v.moveaxis(2, 1)  # (D, 1, K) -> (D, K, 1)
-            elif torch_layout and v.ndim == 1 and (
-                k.endswith(ONE_PLUS_NORMS) or k == "model.norm.weight"
-            ):
+            elif torch_layout and v.ndim == 1 and is_one_plus_norm(k):
                 weights[k] = v + 1.0
         return self._sanitize_experts(weights)
 

@@ -15,7 +15,7 @@ from typing import Sequence, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..streams import stream_mask
+from ..mask import stream_mask
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Reference decode loops for the two published layouts, driving ``RefModel`` with its KV cache.
 
-* rows (sec7_rows.md §7.2): C channels, one token per channel per row, ``y = row``.
-* blocks (sec5_sec6_blocks.md §7.1/§7.2): system block, then user + 1..H assistant blocks from ``y0``.
+* rows (paper §7): C channels, one token per channel per row, ``y = row``.
+* blocks (paper §5-§6): system block, then user + 1..H assistant blocks from ``y0``.
 
 The *schedule* (what is fed where) lives in small pure functions (``rows_user_cell``,
 ``rows_ramp``, ``blocks_prefill_layout``, ``blocks_step_feed``) so an MLX loop can be checked
@@ -37,7 +37,7 @@ def _forward(model: Any, cache: Any, feeds: list[Feed]) -> Tensor:
 
 
 def sample_rows_token(logits: Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None) -> int:
-    """sec7 ``sample_top_p``: top-k keeps ties; top-p keeps the token that crosses the threshold."""
+    """The rows reference's ``sample_top_p`` (paper §7): top-k keeps ties; top-p keeps the token that crosses the threshold."""
     if temperature <= 0:
         return int(torch.argmax(logits))
     scaled = logits.float() / temperature
@@ -53,7 +53,7 @@ def sample_rows_token(logits: Tensor, temperature: float, top_k: int, top_p: flo
 def sample_blocks_token(
     logits: Tensor, history: list[int], temperature: float, top_k: int, top_p: float, presence_penalty: float, generator: torch.Generator | None
 ) -> int:
-    """sec5 ``_select_next_token``: presence penalty, /T, top-k, top-p dropping the crossing token."""
+    """The blocks reference's ``_select_next_token`` (paper §5): presence penalty, /T, top-k, top-p dropping the crossing token."""
     logits = torch.nan_to_num(logits.float(), nan=float("-inf"))
     if temperature <= 0:
         return int(torch.argmax(logits))
@@ -130,7 +130,7 @@ def rows_generate(
     user_at: Callable[[int], int | None] | None = None,
     generator: torch.Generator | None = None,
 ) -> RowsResult:
-    """sec7_rows.md §7.2 ``generate``. Non-interactive when ``user_tokens`` is non-empty.
+    """The rows reference's ``generate`` (paper §7). Non-interactive when ``user_tokens`` is non-empty.
 
     Interactive (``user_tokens`` empty): after row r is produced, ``user_at(r)`` may return a token
     that overwrites that row's user cell before it is fed (the ``gen.send`` of the reference);
@@ -272,7 +272,7 @@ def blocks_generate(
     max_steps: int = 4096,
     keep_logits: bool = False,
 ) -> BlocksResult:
-    """sec5 ``generate_stream`` (num_heads=1) / ``generate_multistream`` (num_heads=H), correct mask.
+    """The blocks reference's ``generate_stream`` (num_heads=1) / ``generate_multistream`` (num_heads=H), correct mask.
 
     Each head stops at ``im_end`` or after ``max_new_tokens``; every head stops once the last head
     emits ``im_end``. Unlike the reference we stop as soon as no head is active (the reference may

@@ -45,7 +45,7 @@ def parse(rows: str) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------- test vectors
-BLOCK_VECTORS = {  # sec5_sec6_blocks.md §11: y per token, then the mask
+BLOCK_VECTORS = {  # the blocks reference's test vectors: y per token, then the mask
     "TV-A": ([0, 1, 2, 0, 1, 2], "1.....\n11.1..\n11111.\n...1..\n1..11.\n11.111"),
     "TV-B": ([0, 0, 1, 1, 2, 2], "1.....\n.1....\n111...\n11.1..\n11111.\n1111.1"),
     "TV-C": ([0, 1, 0, 1, 0, 1], "1.....\n111.1.\n..1...\n1.111.\n....1.\n1.1.11"),
@@ -88,7 +88,7 @@ def test_mask_decode_steps() -> None:
     prefill_y = torch.tensor(BLOCK_VECTORS["TV-D"][0])
     yk = torch.cat([prefill_y, torch.tensor([9, 9])])
     assert torch.equal(stream_mask(torch.tensor([9, 9]), yk), parse("1111111111111.\n111111111111.1"))
-    # sec7 §11.1: the step feeding row 2 with rows 0-1 cached.
+    # the rows reference's vector 11.1: the step feeding row 2 with rows 0-1 cached.
     yk = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2])
     assert torch.equal(stream_mask(torch.tensor([2, 2, 2]), yk), parse("111111100\n111111010\n111111001"))
     # TV-D's layout is what blocks_prefill_layout builds (system of 2 tokens).

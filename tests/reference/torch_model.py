@@ -1,4 +1,4 @@
-"""Independent PyTorch reference for multi-stream Qwen3 / Qwen2 decoders.
+"""Independent PyTorch reference for multi-stream Qwen3 / Qwen2 / Llama decoders.
 
 Written from the rules in DESIGN.md §1 (not from any other implementation): every token has a channel
 ``c`` and a timestep ``y``; ``h0 = embed_tokens[id] + channel_embedding[c]``; RoPE position = ``y``;
@@ -68,12 +68,15 @@ class RefConfig:
     vocab_size: int
     tie_word_embeddings: bool
     num_channels: int
+    attention_bias: bool = False  # Llama: on q, k, v and o
+    mlp_bias: bool = False
+    rope_scaling: dict[str, Any] | None = None  # Llama 3: {"rope_type": "llama3", ...}
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> RefConfig:
         model_type = cfg.get("model_type")
-        if model_type not in ("qwen3", "qwen2"):
-            raise ValueError(f"Model type {model_type!r} not supported (qwen3 or qwen2).")
+        if model_type not in ("qwen3", "qwen2", "llama"):
+            raise ValueError(f"Model type {model_type!r} not supported (qwen3, qwen2 or llama).")
         if cfg.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {cfg['hidden_act']!r} not supported (silu only).")
         if cfg.get("use_sliding_window"):
@@ -81,8 +84,11 @@ class RefConfig:
         if model_type == "qwen3" and cfg.get("attention_bias"):
             raise ValueError("Qwen3 with attention_bias=True is not supported by the reference.")
         rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-        if rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise ValueError(f"RoPE type {rope.get('rope_type', rope.get('type'))!r} not supported.")
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind not in ("default", "llama3") or (kind == "llama3" and model_type != "llama"):
+            raise ValueError(f"RoPE type {kind!r} not supported for {model_type}.")
+        if cfg.get("rope_traditional") or (cfg.get("mlp_bias") and model_type != "llama"):
+            raise ValueError("rope_traditional / mlp_bias are not supported by the reference.")
         # No silent default: a wrong theta (e.g. 1e4 instead of 1e6) would still "work".
         theta = cfg.get("rope_theta", rope.get("rope_theta"))
         if theta is None:
@@ -101,6 +107,9 @@ class RefConfig:
             vocab_size=int(cfg["vocab_size"]),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             num_channels=int(cfg.get("num_channels", 1)),
+            attention_bias=model_type == "llama" and bool(cfg.get("attention_bias")),
+            mlp_bias=bool(cfg.get("mlp_bias")),
+            rope_scaling=dict(rope) if kind == "llama3" else None,
         )
 
 
@@ -118,10 +127,29 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-def rope_cos_sin(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def llama3_inv_freq(inv_freq: Tensor, scaling: dict[str, Any]) -> Tensor:
+    """Llama 3's frequency scaling: wavelengths longer than ``original / low_freq_factor``
+    are stretched by ``factor``, shorter than ``original / high_freq_factor`` kept, and
+    the band between blends the two linearly in ``original / wavelength``."""
+    factor = float(scaling["factor"])
+    low, high = float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0))
+    original = float(scaling.get("original_max_position_embeddings", 8192))
+    wavelength = 2 * torch.pi / inv_freq
+    blend = (original / wavelength - low) / (high - low)  # 0 at the long end, 1 at the short end
+    blended = (1 - blend) * inv_freq / factor + blend * inv_freq
+    out = torch.where(wavelength > original / low, inv_freq / factor, inv_freq)
+    band = (wavelength <= original / low) & (wavelength >= original / high)
+    return torch.where(band, blended, out)
+
+
+def rope_cos_sin(
+    positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype, scaling: dict[str, Any] | None = None
+) -> tuple[Tensor, Tensor]:
     """cos/sin ``[B, L, head_dim]`` for per-token positions (rotate-half layout), computed in fp32."""
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim
     inv_freq = 1.0 / (theta**exponents)
+    if scaling is not None:
+        inv_freq = llama3_inv_freq(inv_freq, scaling)
     angles = positions.float()[..., None] * inv_freq
     emb = torch.cat([angles, angles], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -157,11 +185,12 @@ class Attention(nn.Module):
     def __init__(self, cfg: RefConfig) -> None:
         super().__init__()
         h, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        bias = cfg.model_type == "qwen2"  # Qwen2: q/k/v bias, no QK-norm. Qwen3: the reverse.
+        # Qwen2: q/k/v bias, no QK-norm. Qwen3: the reverse. Llama: no QK-norm, optional bias on all four.
+        bias = cfg.model_type == "qwen2" or cfg.attention_bias
         self.q_proj = nn.Linear(cfg.hidden_size, h * d, bias=bias)
         self.k_proj = nn.Linear(cfg.hidden_size, kv * d, bias=bias)
         self.v_proj = nn.Linear(cfg.hidden_size, kv * d, bias=bias)
-        self.o_proj = nn.Linear(h * d, cfg.hidden_size, bias=False)
+        self.o_proj = nn.Linear(h * d, cfg.hidden_size, bias=cfg.attention_bias)
         self.qk_norm = cfg.model_type == "qwen3"
         if self.qk_norm:
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
@@ -191,9 +220,10 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: RefConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        bias = cfg.mlp_bias
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -224,7 +254,7 @@ class Backbone(nn.Module):
 
 
 class RefModel(nn.Module):
-    """Multi-stream Qwen3/Qwen2 decoder; ``state_dict()`` keys are exactly the HF checkpoint names."""
+    """Multi-stream Qwen3/Qwen2/Llama decoder; ``state_dict()`` keys are exactly the HF checkpoint names."""
 
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__()
@@ -262,7 +292,7 @@ class RefModel(nn.Module):
         if mask.dtype != torch.bool or tuple(mask.shape) not in ((b, 1, length, key_y.shape[-1]), (1, 1, length, key_y.shape[-1])):
             raise ValueError(f"mask must be bool [B,1,L,S]=[{b},1,{length},{key_y.shape[-1]}], got {mask.dtype} {tuple(mask.shape)}")
         h = self.model.embed_tokens(ids) + self.model.channel_embedding(channels)
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, h.dtype)
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, h.dtype, self.config.rope_scaling)
         for i, layer in enumerate(self.model.layers):
             h = layer(h, cos, sin, mask, cache, i)
         if cache is not None:

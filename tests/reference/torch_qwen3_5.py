@@ -1,8 +1,8 @@
 """Independent PyTorch reference for Qwen3.5 hybrid multi-stream models (rows layout).
 
-Written from sec7_rows.md §2 (partial RoPE at row positions), §4 (block-causal gated full
-attention), §5 (Gated DeltaNet in stream mode) and §8 (checkpoint keys), not from any other
-implementation. Everything is eager fp32-friendly math with naive per-token loops, so it is
+Written from the rules of ``docs/qwen3_5.md`` (paper §7): partial RoPE at row positions,
+block-causal gated full attention, Gated DeltaNet in stream mode and the checkpoint keys, not
+from any other implementation. Everything is eager fp32-friendly math with naive per-token loops, so it is
 slow but obvious:
 
 * a token is (channel c, row y); the flat sequence is row-major, ``i = r*C + c``;
