@@ -354,3 +354,13 @@ class StreamSampler:
         for i, c in enumerate(channels):
             if c in self.histories:
                 self.histories[c].add(tokens[i])
+
+
+def logits_summary(logits: mx.array) -> mx.array:
+    """``[n, 3]``: entropy, top-1 probability and top-1 id of each row of ``logits``
+    (the reference's ``logits_summary``)."""
+    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    entropy = -(mx.exp(logp) * logp).sum(axis=-1)
+    top = mx.argmax(logits, axis=-1)
+    p1 = mx.exp(mx.take_along_axis(logp, top[:, None], axis=-1)[:, 0])
+    return mx.stack([entropy, p1, top.astype(mx.float32)], axis=-1)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import mstream_mlx
-from mstream_mlx.cache import StreamKVCache, load_prompt_cache, save_prompt_cache
+from mstream_mlx.cache import StreamKVCache
+from mstream_mlx.prompt_cache import load_prompt_cache, save_prompt_cache
 from mstream_mlx.streams import rows_to_flat
 
 
