@@ -17,7 +17,7 @@ from mlx_lm.models import cache as lm_cache
 from .atomic import atomic_file
 from .cache import StreamKVCache
 from .deltanet import DeltaNetCache
-from .streams import Flat
+from .streams import Flat, StreamSpec
 
 PREFIX_KEY = "mstream_prefix"  # metadata: the cached tokens (ids, channels, y)
 
@@ -57,13 +57,18 @@ def load_prompt_cache(file: str, return_metadata: bool = False):
     return lm_cache.load_prompt_cache(str(file), return_metadata=return_metadata)
 
 
-def save_prefix(file: str, cache: List[Any], prefix: Flat, model_type: str, layout: str):
-    """Save ``cache`` holding exactly ``prefix`` (timestep order), with the tokens in
-    the metadata so a later prompt can check it starts the same way."""
+def save_prefix(file: str, cache: List[Any], prefix: Flat, args, spec: StreamSpec):
+    """Save ``cache``, which holds exactly ``prefix`` (timestep order), with the tokens
+    in the metadata so a later prompt can check that it starts the same way."""
+    if len(prefix) == 0:
+        raise ValueError(
+            "This prompt has no shared part to cache (rows: give prefill rows; "
+            "a seed row is not cached)."
+        )
     meta = {
         PREFIX_KEY: json.dumps([a.tolist() for a in prefix.astuple()]),
-        "model_type": model_type,
-        "layout": layout,
+        "model_type": str(args.model_type),
+        "layout": spec.layout,
     }
     save_prompt_cache(file, cache, meta)
 

@@ -22,20 +22,20 @@ wait for the model; ``step`` is serialised by its own lock (one stepping thread)
 import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import List, Mapping, Optional, Sequence, Union
 
 import mlx.core as mx
-import numpy as np
 
 from .events import EventLog, StepEvent
 from .plans import DecodePlan, Plan, PrefillPlan, SeedPlan, per_output
-from .prefill import DEFAULT_PREFILL_STEP, prefill
+from .prefill import DEFAULT_PREFILL_STEP, in_timestep_order, prefill
 from .prompt_cache import load_prefix, save_prefix
 from .sample import SamplingSettings, StreamSampler, logits_summary
 from .schedules import BlocksOptions, RowsOptions, schedule_class
 from .step import step as forward_step
-from .streams import Flat, timestep_order
+from .streams import Flat
 
 __all__ = ["Session", "StepEvent", "generation_stream"]
 
@@ -117,21 +117,13 @@ class Session:
         if max_kv_size is not None and max_kv_size < 1:
             raise ValueError(f"max_kv_size must be >= 1, got {max_kv_size}.")
         if prefill_step_size < 1:
-            raise ValueError(
-                f"prefill_step_size must be >= 1, got {prefill_step_size}."
-            )
+            raise ValueError(f"prefill_step_size must be >= 1, got {prefill_step_size}.")
         kind = schedule_class(spec.layout)
         default = SamplingSettings(method=kind.sampling_method)
         per_channel = per_output(spec, sampling, default)
         self.schedule = kind.from_options(
-            model,
-            tokenizer,
-            rows=rows,
-            blocks=blocks,
-            interactive=interactive,
-            max_steps=max_steps,
-            max_tokens=max_tokens,
-            stop_tokens=stop_tokens,
+            model, tokenizer, rows=rows, blocks=blocks, interactive=interactive,
+            max_steps=max_steps, max_tokens=max_tokens, stop_tokens=stop_tokens,
         )
         input_default = per_channel[spec.outputs[0]]
         settings = {**{c: input_default for c in spec.inputs}, **per_channel}
@@ -287,11 +279,8 @@ class Session:
             if settled is None:  # rows: an all-silent row ended the run, not reported
                 return self._log.event()
             summary = None
-            if cur.summary is not None:
-                summary = {
-                    c: tuple(v)
-                    for c, v in zip(cur.plan.sample_channels, cur.summary.tolist())
-                }
+            if cur.summary is not None:  # {channel: (entropy, top1_prob, top1_id)}
+                summary = dict(zip(cur.plan.sample_channels, map(tuple, cur.summary.tolist())))
             return self._log.event(settled, cur.plan.reads(), summary)
 
     # ---------------------------------------------------------------- internals
@@ -358,13 +347,8 @@ class Session:
         positions = mx.array([plan.ys], dtype=mx.int32)
         mask = self.schedule.mask(ids, positions, self.cache, decode=True)
         logits = forward_step(
-            self.model,
-            self.cache,
-            ids,
-            plan.channels,
-            positions,
-            mask=mask,
-            logits_at=plan.sample_rows,
+            self.model, self.cache, ids, plan.channels, positions,
+            mask=mask, logits_at=plan.sample_rows,
         )
         return self._sample(logits, plan)
 
@@ -386,43 +370,27 @@ class Session:
             raise ValueError(
                 f"The prompt needs {len(flat)} cache entries but max_kv_size is {self.max_kv_size}."
             )
-        order = timestep_order(flat.positions)
-        where = np.empty_like(order)
-        where[order] = np.arange(len(order))
-        sflat = flat.take(order)
-        wanted = [int(where[i]) for i in plan.sample_at]
-        done = 0
-        path = self.prompt_cache_file
+        sflat, wanted = in_timestep_order(flat, plan.sample_at)
+        done, path = 0, self.prompt_cache_file
         if path and Path(path).exists():
             self.cache, ids = load_prefix(str(path), sflat, min(wanted), len(self.cache))
             self.schedule.prefix_loaded(ids)
             done = len(ids)
         elif path:
-            if plan.shared == 0:
-                raise ValueError(
-                    "This prompt has no shared part to cache (rows: give prefill rows; "
-                    "a seed row is not cached)."
-                )
-            shared = Flat(*(a[: plan.shared] for a in sflat.astuple()))
-            self._forward_flat(shared, [])
-            model_type = str(self.model.args.model_type)
-            save_prefix(str(path), self.cache, shared, model_type, self.spec.layout)
             done = plan.shared
-        rest = Flat(*(a[done:] for a in sflat.astuple()))
-        logits = self._forward_flat(rest, [w - done for w in wanted])
+            shared = sflat.take(slice(0, done))
+            self._forward(shared)
+            save_prefix(str(path), self.cache, shared, self.model.args, self.spec)
+        rest = sflat.take(slice(done, None))
+        logits = self._forward(rest, [w - done for w in wanted])
         self._stats.prompt_tokens = len(flat)
         self._stats.prompt_processed = len(rest)
         return self._sample(logits, plan)
 
-    def _forward_flat(self, flat: Flat, logits_at: List[int]) -> Optional[mx.array]:
+    def _forward(self, flat: Flat, logits_at: Sequence[int] = ()) -> Optional[mx.array]:
         """Prefill ``flat`` (already in timestep order) into the cache."""
-        if len(flat) == 0:
-            return None
+        mask_fn = partial(self.schedule.mask, decode=False)
         return prefill(
-            self.model,
-            flat,
-            self.cache,
-            logits_at=logits_at,
-            step=self.prefill_step_size,
-            mask_fn=lambda i, p: self.schedule.mask(i, p, self.cache, decode=False),
+            self.model, flat, self.cache, logits_at=logits_at,
+            step=self.prefill_step_size, mask_fn=mask_fn,
         )

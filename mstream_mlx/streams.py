@@ -135,7 +135,7 @@ def blocks_spec(num_channels: int = 3) -> StreamSpec:
 
 
 def silence_token_id(tokenizer) -> int:
-    """The silence id as the reference computes it (§7 §1.2): the first token of
+    """The silence id as the reference computes it (paper §7): the first token of
     ``" -"``, or of ``"-"`` for SentencePiece tokenizers (detected by ``▁``)."""
     first = tokenizer.convert_ids_to_tokens(
         tokenizer.encode("test", add_special_tokens=False)
