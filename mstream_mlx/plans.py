@@ -128,9 +128,10 @@ class Schedule:
     """What every schedule shares: input queues, the finish state, the per-output
     limits and stop tokens, and the defaults a layout gives them.
 
-    Subclasses set the class attributes and implement ``from_options`` (the
-    schedule for ``Session``'s arguments, refusing options of other layouts),
-    ``first_plan``, ``plan``, ``advance``, ``settle``, ``invalidates`` and ``exhausted``.
+    A layout's schedule sets the class attributes, implements the state machine
+    below (``from_options`` to ``exhausted``) and overrides the questions after it
+    where its layout differs; the session asks nothing else and never checks the
+    layout itself.
     """
 
     layout: str = ""  # the StreamSpec.layout this schedule runs
@@ -185,7 +186,40 @@ class Schedule:
             raise ValueError(f"The word {word!r} gives no tokens.")
         return ids[0]
 
-    # -- what the session asks every schedule; the defaults suit most layouts --------
+    # -- the state machine ---------------------------------------------------------
+    @classmethod
+    def from_options(
+        cls, model, tokenizer, *, rows=None, blocks=None, interactive=None, **limits
+    ) -> "Schedule":
+        """The schedule for ``Session``'s arguments (``limits``: ``max_steps``,
+        ``max_tokens``, ``stop_tokens``); options of another layout are a ValueError."""
+        raise NotImplementedError
+
+    def first_plan(self) -> Union[SeedPlan, PrefillPlan]:
+        """The plan of the first event (under the lock)."""
+        raise NotImplementedError
+
+    def plan(self) -> Optional[DecodePlan]:
+        """The next decode step, or ``None`` when the run is over (under the lock)."""
+        raise NotImplementedError
+
+    def advance(self, plan: Plan, tokens):
+        """Commit a launched ``plan``; ``tokens`` are its lazy samples (under the lock)."""
+        raise NotImplementedError
+
+    def settle(self, plan: Plan, values: List[int]) -> Optional[Settled]:
+        """Stop rules on the sampled ``values``; ``None``: nothing to report."""
+        raise NotImplementedError
+
+    def invalidates(self, plan: Plan) -> bool:
+        """Whether a launched ``plan`` must be undone after the last ``settle``."""
+        raise NotImplementedError
+
+    def exhausted(self) -> bool:
+        """Whether the step limits are reached."""
+        raise NotImplementedError
+
+    # -- what the session asks; the defaults suit most layouts ---------------------
     def tokenize(self, text: str) -> List[int]:
         """How text enters an input stream."""
         return self.tokenizer.encode(text, add_special_tokens=False)

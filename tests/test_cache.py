@@ -102,3 +102,18 @@ def test_prompt_cache_bad_names_and_failed_writes_leave_nothing(model, tmp_path)
     with pytest.raises(WriteError, match="nothing was written"):
         save_prompt_cache(str(tmp_path / "missing" / "prompt.safetensors"), cache)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_deltanet_cache_round_trips_through_mlx_lm(tmp_path):
+    """Qwen3.5's recurrent-layer cache is registered with mlx-lm's loader too."""
+    from mlx_lm.models import cache as lm_cache
+
+    from mstream_mlx.deltanet import DeltaNetCache
+
+    c = DeltaNetCache()
+    c.state = (mx.ones((3, 3, 8)), mx.arange(96.0).reshape(3, 2, 4, 4), 6, mx.array([1]))
+    f = tmp_path / "dn.safetensors"
+    save_prompt_cache(str(f), [c])
+    (loaded,) = lm_cache.load_prompt_cache(str(f))
+    assert type(loaded) is DeltaNetCache and loaded.offset == 6
+    assert loaded.max_y.tolist() == [1] and mx.array_equal(loaded[1], c[1])
