@@ -1,12 +1,13 @@
 # Copyright © 2026 mstream-mlx contributors.
 """mstream-mlx: multi-stream LLMs (Su, Yang, Li, Geiping 2026) on MLX."""
 
-from .cache import load_prompt_cache, save_prompt_cache
+from .events import StepEvent
 from .generate import generate, stream_generate
 from .mask import stream_mask
+from .prompt_cache import load_prompt_cache, save_prompt_cache
 from .sample import SamplingSettings
 from .schedules import BlocksOptions, RowsOptions
-from .session import Session, StepEvent
+from .session import Session
 from .streams import (
     Block,
     ChatTokens,

@@ -6,13 +6,10 @@ new tokens against the cache comes from the stored ``y`` (the rule and its short
 live in ``mask.py``), so tokens may enter the cache in any order.
 """
 
-import os
-from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import List, Optional
 
 import mlx.core as mx
 import numpy as np
-from mlx.utils import tree_unflatten
 from mlx_lm.models import cache as lm_cache
 
 
@@ -87,44 +84,4 @@ def push_positions(caches: List[StreamKVCache], positions: mx.array):
         else:
             c.push_positions(positions)
 
-
-def _cache_class(name: str):
-    from .deltanet import DeltaNetCache
-
-    ours = {c.__name__: c for c in (StreamKVCache, DeltaNetCache)}
-    return ours.get(name) or getattr(lm_cache, name)
-
-
-def save_prompt_cache(
-    file: str, cache: List[Any], metadata: Optional[Dict[str, str]] = None
-):
-    """Save a cache to ``file`` (``.safetensors``) in mlx-lm's prompt-cache format.
-
-    Written to a temporary name first and renamed, so a failure leaves no partial file.
-    """
-    path = Path(file)
-    tmp = path.with_name(f".{path.stem}.tmp.safetensors")
-    try:
-        lm_cache.save_prompt_cache(str(tmp), cache, metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def load_prompt_cache(file: str, return_metadata: bool = False):
-    """Load a cache written by :func:`save_prompt_cache` (or by mlx-lm)."""
-    if not Path(file).is_file():
-        raise FileNotFoundError(f"No prompt cache file at {file}.")
-    arrays, meta = mx.load(str(file), return_metadata=True)
-    metadata, classes, scalars = tree_unflatten(list(meta.items()))
-    for pos, kind in scalars[1:]:
-        a = arrays[pos]
-        arrays[pos] = {
-            "scalar": lambda: a.item(),
-            "string": lambda: "".join(chr(i) for i in a.tolist()),
-            "none": lambda: None,
-        }[kind]()
-    states = tree_unflatten(list(arrays.items()))
-    cache = [_cache_class(c).from_state(s) for c, s in zip(classes, states)]
-    return (cache, metadata) if return_metadata else cache
 

@@ -7,7 +7,7 @@ token that should have seen it).  Each chunk's mask is at most ``step × context
 never ``L × L``, and the cache is evaluated after every chunk as mlx-lm does.
 """
 
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -24,7 +24,7 @@ def prefill(
     *,
     logits_at: Sequence[int] = (),
     step: int = DEFAULT_PREFILL_STEP,
-    mask_fn: Optional[Callable[[mx.array, mx.array], mx.array]] = None,
+    mask_fn: Optional[Callable[[mx.array, mx.array, List[Any]], Optional[mx.array]]] = None,
 ) -> Optional[mx.array]:
     """Feed ``flat`` (batch 1) into ``cache`` in chunks of ``step`` tokens.
 
@@ -34,8 +34,9 @@ def prefill(
         cache: from ``model.make_cache()``; extended in place.
         logits_at: flat indices (into ``flat``) whose logits to return.
         step: tokens per chunk.
-        mask_fn: ``(ids, positions) -> mask`` of a chunk, for masks beyond the rule
-            (e.g. skip-silence); the model derives the rule's own otherwise.
+        mask_fn: ``(ids, positions, cache) -> mask`` of a chunk, for masks beyond the
+            rule (e.g. skip-silence); ``None`` (or a ``None`` mask): the model derives
+            the rule's own.
 
     Returns:
         Logits ``[len(logits_at), V]`` in the order of ``logits_at`` (None if empty).
@@ -44,15 +45,12 @@ def prefill(
         raise ValueError(f"The prefill step must be >= 1, got {step}.")
     row = getattr(model, "tokens_per_row", 1)  # recurrent (Qwen3.5) layers: whole rows
     step = max(row, step - step % row)
-    order = timestep_order(flat.positions)
-    where = np.empty_like(order)
-    where[order] = np.arange(len(order))  # flat index -> position in y order
-    wanted = [int(where[i]) for i in logits_at]
-    ids, channels, positions = flat.take(order).arrays()
+    flat, wanted = in_timestep_order(flat, logits_at)
+    ids, channels, positions = flat.arrays()
     hidden = {}
-    for start in range(0, len(order), step):
+    for start in range(0, len(flat), step):
         sl = slice(start, start + step)
-        mask = None if mask_fn is None else mask_fn(ids[:, sl], positions[:, sl])
+        mask = None if mask_fn is None else mask_fn(ids[:, sl], positions[:, sl], cache)
         h = model.model(ids[:, sl], channels[:, sl], positions[:, sl], cache, mask)
         for w in wanted:
             if start <= w < start + step:
@@ -62,3 +60,11 @@ def prefill(
     if not wanted:
         return None
     return model.lm_logits(mx.stack([hidden[w] for w in wanted]))
+
+
+def in_timestep_order(flat: Flat, indices: Sequence[int]) -> Tuple[Flat, List[int]]:
+    """``flat`` sorted by ``y`` (stable), and where the tokens at ``indices`` went."""
+    order = timestep_order(flat.positions)
+    where = np.empty_like(order)
+    where[order] = np.arange(len(order))  # flat index -> position in y order
+    return flat.take(order), [int(where[i]) for i in indices]

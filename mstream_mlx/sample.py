@@ -1,6 +1,7 @@
 # Copyright © 2026 mstream-mlx contributors.
 """Per-stream sampling: mlx-lm's samplers and penalties, one set of settings per stream,
-the reference's two token-selection variants, and the §7 silence penalty with its ramp.
+the reference's two token-selection variants, and the silence penalty with its ramp
+(paper §7).
 
 Every output stream has its own :class:`SamplingSettings`.  Streams that share settings
 (and no private seed or history penalty) are sampled in one call on ``[N, V]``, so the
@@ -10,13 +11,15 @@ Three token-selection methods (they agree exactly when ``temp == 0``: argmax):
 
 * ``"mlx"``: mlx-lm's ``make_sampler`` chain (top-p, min-p relative to the top token,
   top-k by ``argpartition``) and ``make_logits_processors`` penalties.
-* ``"rows"``: the rows reference's ``sample_top_p`` (sec7 §7.2 "Sampling"): ``/T``,
-  top-k keeps ties (``l >= kth``), top-p keeps the token that crosses ``top_p``.
-* ``"blocks"``: the blocks reference's ``_select_next_token`` (sec5 §7.3): presence
+* ``"rows"``: the rows reference's ``sample_top_p`` (paper §7): ``/T``, top-k keeps
+  ties (``l >= kth``), top-p keeps the token that crosses ``top_p``.
+* ``"blocks"``: the blocks reference's ``_select_next_token`` (paper §5-6): presence
   penalty on every distinct token the stream generated (no window), ``/T``, top-k
   keeping ties, top-p that *drops* the crossing token (but always keeps the best),
   min-p as an *absolute* probability, argmax if nothing survives.  The penalty is
   skipped when greedy, as in the reference.
+
+Both reference variants are kept on purpose; docs/design.md lists how they differ.
 """
 
 from dataclasses import dataclass, replace
@@ -110,7 +113,7 @@ def _kth_largest(logits: mx.array, k: int) -> mx.array:
 
 
 def rows_filter(logits: mx.array, temp: float, top_k: int, top_p: float) -> mx.array:
-    """The rows reference's ``sample_top_p`` filters (sec7 §7.2) on ``[B, V]``.
+    """The rows reference's ``sample_top_p`` filters (paper §7) on ``[B, V]``.
 
     Returns the scaled logits with dropped entries at ``-inf``: top-k keeps every
     logit ``>= kth`` (ties too); top-p drops ``p`` where ``cumsum(p) - p > top_p``
@@ -131,7 +134,7 @@ def rows_filter(logits: mx.array, temp: float, top_k: int, top_p: float) -> mx.a
 
 
 def blocks_filter(logits: mx.array, temp: float, top_k: int, top_p: float) -> mx.array:
-    """The blocks reference's ``_select_next_token`` filters (sec5 §7.3) on ``[B, V]``:
+    """The blocks reference's ``_select_next_token`` filters (paper §5-6) on ``[B, V]``:
     ``/T``, top-k keeping ties, top-p dropping ``cumsum > top_p`` but keeping the best.
     """
     scaled = logits / temp
@@ -211,7 +214,7 @@ class SilencePenalty:
 
 
 def silence_ramp(r: int, start: int, rows: int = RAMP_ROWS) -> float:
-    """Non-interactive ramp for the step computing row ``r`` (sec7 §7.2): 0 before
+    """Non-interactive ramp for the step computing row ``r`` (paper §7): 0 before
     ``start`` (the row after the user's last token), then ``(r - start + 1) / 5`` up to 1.
     """
     return min(1.0, (r - start + 1) / rows) if r >= start else 0.0
@@ -354,3 +357,13 @@ class StreamSampler:
         for i, c in enumerate(channels):
             if c in self.histories:
                 self.histories[c].add(tokens[i])
+
+
+def logits_summary(logits: mx.array) -> mx.array:
+    """``[n, 3]``: entropy, top-1 probability and top-1 id of each row of ``logits``
+    (the reference's ``logits_summary``)."""
+    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    entropy = -(mx.exp(logp) * logp).sum(axis=-1)
+    top = mx.argmax(logits, axis=-1)
+    p1 = mx.exp(mx.take_along_axis(logp, top[:, None], axis=-1)[:, 0])
+    return mx.stack([entropy, p1, top.astype(mx.float32)], axis=-1)

@@ -1,5 +1,6 @@
 # Copyright © 2026 mstream-mlx contributors.
-"""The (channel, y) model of multi-stream LLMs: stream specs, layouts and the mask rule.
+"""The (channel, y) model of multi-stream LLMs: stream specs and layouts (the mask rule
+itself lives in ``mask.py``).
 
 Every token carries a stream (channel) ``c`` and a timestep ``y``.  The embedding adds
 ``channel_embedding[c]``, RoPE uses ``y`` and token ``i`` sees token ``j`` iff
@@ -135,7 +136,7 @@ def blocks_spec(num_channels: int = 3) -> StreamSpec:
 
 
 def silence_token_id(tokenizer) -> int:
-    """The silence id as the reference computes it (§7 §1.2): the first token of
+    """The silence id as the reference computes it (paper §7): the first token of
     ``" -"``, or of ``"-"`` for SentencePiece tokenizers (detected by ``▁``)."""
     first = tokenizer.convert_ids_to_tokens(
         tokenizer.encode("test", add_special_tokens=False)
@@ -266,26 +267,3 @@ def chat_blocks(
         blocks.append(Block(2 + h, chat.prefix("assistant") + list(content), y0 + offsets[h]))
     return blocks
 
-
-def stream_mask(q_ys: mx.array, k_ys: mx.array, offset: int = 0) -> mx.array:
-    """The visibility rule as a boolean mask ``[B, 1, L, S]`` (True = attend).
-
-    ``q_ys`` ``[B, L]`` are the timesteps of the new tokens, ``k_ys`` ``[B, S]`` those of
-    all keys, and the new tokens sit at key indices ``offset .. offset+L-1``.  Token i
-    sees key j iff ``y_j < y_i`` or j is i itself: all streams, earlier timesteps,
-    never a same-timestep peer (paper §4).
-    """
-    L, S = q_ys.shape[1], k_ys.shape[1]
-    itself = mx.arange(S)[None, :] == (offset + mx.arange(L))[:, None]  # (L, S)
-    earlier = k_ys[:, None, :] < q_ys[:, :, None]  # (B, L, S)
-    return (earlier | itself)[:, None]
-
-
-def peer_mask(q_ys: mx.array, offset: int) -> mx.array:
-    """:func:`stream_mask` when every one of ``offset`` cached keys is older than every
-    new token: the cached part is all True, only the new block needs the rule."""
-    B, L = q_ys.shape
-    new = stream_mask(q_ys, q_ys)  # (B, 1, L, L)
-    if offset == 0:
-        return new
-    return mx.concatenate([mx.ones((B, 1, L, offset), dtype=mx.bool_), new], axis=-1)

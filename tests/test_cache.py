@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 import mstream_mlx
-from mstream_mlx.cache import StreamKVCache, load_prompt_cache, save_prompt_cache
+from mstream_mlx.atomic import WriteError
+from mstream_mlx.cache import StreamKVCache
+from mstream_mlx.prompt_cache import load_prompt_cache, save_prompt_cache
 from mstream_mlx.streams import rows_to_flat
 
 
@@ -72,3 +74,46 @@ def test_runner_dtypes_batch_and_deepcopy(model, dtype):
 def test_shape_mismatch_is_one_line(model):
     with pytest.raises(ValueError, match=r"must have one shape, got \(1, 3\), \(1, 2\)"):
         model(mx.zeros((1, 3), mx.int32), channels=mx.zeros((1, 2), mx.int32), positions=mx.zeros((1, 3), mx.int32))
+
+
+def test_prompt_cache_files_are_mlx_lm_files(model, tmp_path):
+    """Our files load with mlx-lm's own loader (our cache classes are registered with
+    it), and a file mlx-lm writes loads with ours."""
+    from mlx_lm.models import cache as lm_cache
+
+    table = np.random.default_rng(4).integers(0, 400, size=(2, 10))
+    cache = model.make_cache()
+    feed_rows(model, cache, table)
+    ours, theirs = tmp_path / "ours.safetensors", tmp_path / "theirs.safetensors"
+    save_prompt_cache(str(ours), cache, {"k": "v"})
+    lm_cache.save_prompt_cache(str(theirs), cache, {"k": "v"})
+    for f in (ours, theirs):
+        for load in (lm_cache.load_prompt_cache, load_prompt_cache):
+            loaded, meta = load(str(f), return_metadata=True)
+            assert meta == {"k": "v"} and type(loaded[0]) is StreamKVCache
+            assert loaded[0].offset == 20 and mx.array_equal(loaded[0].keys, cache[0].keys)
+
+
+def test_prompt_cache_bad_names_and_failed_writes_leave_nothing(model, tmp_path):
+    cache = model.make_cache()
+    feed_rows(model, cache, np.zeros((1, 10), dtype=np.int32))
+    with pytest.raises(ValueError, match="must end in .safetensors, got"):
+        save_prompt_cache(str(tmp_path / "prompt.bin"), cache)
+    with pytest.raises(WriteError, match="nothing was written"):
+        save_prompt_cache(str(tmp_path / "missing" / "prompt.safetensors"), cache)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_deltanet_cache_round_trips_through_mlx_lm(tmp_path):
+    """Qwen3.5's recurrent-layer cache is registered with mlx-lm's loader too."""
+    from mlx_lm.models import cache as lm_cache
+
+    from mstream_mlx.deltanet import DeltaNetCache
+
+    c = DeltaNetCache()
+    c.state = (mx.ones((3, 3, 8)), mx.arange(96.0).reshape(3, 2, 4, 4), 6, mx.array([1]))
+    f = tmp_path / "dn.safetensors"
+    save_prompt_cache(str(f), [c])
+    (loaded,) = lm_cache.load_prompt_cache(str(f))
+    assert type(loaded) is DeltaNetCache and loaded.offset == 6
+    assert loaded.max_y.tolist() == [1] and mx.array_equal(loaded[1], c[1])

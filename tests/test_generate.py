@@ -26,8 +26,21 @@ from mstream_mlx.sample import (
     sample_tokens,
     silence_ramp,
 )
-from mstream_mlx.schedules import SEED_WORDS, BlocksOptions, RowsOptions
+from mstream_mlx.blocks_schedule import BlocksStep
+from mstream_mlx.events import StepEvent
+from mstream_mlx.plans import LAZY, DecodePlan, PrefillPlan, SeedPlan
+from mstream_mlx.prefill import prefill
+from mstream_mlx.rows_schedule import RowsStep
+from mstream_mlx.schedules import (
+    SEED_WORDS,
+    BlocksOptions,
+    BlocksSchedule,
+    RowsOptions,
+    RowsSchedule,
+    schedule_class,
+)
 from mstream_mlx.session import Session
+from mstream_mlx.step import step
 from mstream_mlx.streams import ChatTokens, blocks_to_flat, chat_blocks, rows_to_flat
 from tests.reference import RefModel, blocks_generate, rows_generate
 from tests.tiny import make_checkpoint
@@ -931,3 +944,99 @@ def test_interactive_input_waits_for_pre_think(rows10):
         s.feed("User", "one")
         read = [e.y["User"] for e in s if e.tokens["User"] is not None]
         assert read == [row]
+
+
+# ------------------------------------------------- step, plans, schedules, events
+def test_step_equals_one_forward(rows10):
+    """step(): a row fed into a prefilled cache gives the full forward's logits; lazy
+    tokens and host positions are accepted, logits_at picks rows."""
+    model, _, _ = rows10
+    table = np.random.default_rng(3).integers(0, 400, size=(3, 10))
+    ids, ch, pos = rows_to_flat(table).arrays()
+    full = model(ids, channels=ch, positions=pos)[0]
+    cache = model.make_cache()
+    prefill(model, rows_to_flat(table[:2]), cache)
+    tokens = mx.array(table[2]) + 0  # lazy, like the previous step's samples
+    logits = step(model, cache, tokens, list(range(10)), [2] * 10, logits_at=[1, 5])
+    assert cache[0].offset == 30 and logits.shape == (2, full.shape[-1])
+    assert mx.allclose(logits, full[mx.array([21, 25])], atol=1e-4)
+
+
+def test_schedules_own_their_layout_defaults(rows10, blocks):
+    rows_model, rows_tok, _ = rows10
+    blocks_model, blocks_tok, _ = blocks
+    r, b = Session(rows_model, rows_tok), Session(blocks_model, blocks_tok)
+    assert isinstance(r.schedule, RowsSchedule) and isinstance(b.schedule, BlocksSchedule)
+    assert schedule_class("rows") is RowsSchedule and schedule_class("blocks") is BlocksSchedule
+    assert r.sampler.settings[1].method == "rows" and b.sampler.settings[2].method == "blocks"
+    assert r.schedule.max_steps == 200 and b.schedule.max_steps == 4096
+    assert set(r.schedule.max_tokens.values()) == {None}
+    assert set(b.schedule.max_tokens.values()) == {256}
+    im_end = ChatTokens.from_tokenizer(blocks_tok).im_end
+    assert r.schedule.stop_tokens == {}
+    assert all(v == {im_end} for v in b.schedule.stop_tokens.values())
+    with pytest.raises(ValueError, match="blocks options apply to the blocks layout only"):
+        Session(rows_model, rows_tok, blocks=BlocksOptions())
+    with pytest.raises(ValueError, match="rows options and interactive apply"):
+        Session(blocks_model, blocks_tok, interactive=True)
+    with pytest.raises(ValueError, match="Only the blocks layout's user stream"):
+        r.close("User")
+
+
+def test_decode_plan_puts_lazy_ids_back_in_plan_order():
+    plan = DecodePlan(
+        ids=[LAZY, 7, LAZY, 9], channels=[2, 1, 3, 0], ys=[5, 4, 5, 3],
+        lazy_src=mx.array([1, 2]), sample_rows=[0, 2], sample_channels=[2, 3],
+        read={1: 7, 0: 9},
+    )
+    assert plan.tokens().tolist() == [[1, 7, 2, 9]]
+    assert plan.reads() == {1: (7, 4), 0: (9, 3)}
+
+
+def test_rows_plans_are_typed(rows10):
+    model, tok, _ = rows10
+    assert isinstance(Session(model, tok).schedule.first_plan(), SeedPlan)
+    table = [["-"] * 10, [" one"] + ["-"] * 9]
+    sched = Session(model, tok, rows=RowsOptions(prefill_rows=table)).schedule
+    first = sched.first_plan()
+    assert isinstance(first, PrefillPlan) and first.shared == 10
+    assert first.sample_channels == list(range(1, 10))
+    sched.advance(first, mx.arange(9))
+    plan = sched.plan()
+    assert isinstance(plan, RowsStep) and plan.ys == [2] * 10 and plan.sample_rows == list(range(1, 10))
+    assert plan.tokens().tolist() == [[model.streams.silence_token] + list(range(9))]
+
+
+def test_blocks_plans_are_typed(blocks):
+    model, tok, _ = blocks
+    s = Session(model, tok)
+    s.feed("user", [11, 12])
+    sched = s.schedule
+    first = sched.first_plan()
+    assert isinstance(first, PrefillPlan) and first.shared == sched.y0 > 0
+    sched.advance(first, mx.zeros((len(sched.heads),), mx.int32))
+    plan = sched.plan()
+    assert isinstance(plan, BlocksStep) and plan.user and plan.content
+    assert plan.reads() == {1: (11, sched.y0 + 3)}
+    assert plan.sample_channels == sched.heads and plan.sample_rows[0] == 1
+
+
+def test_step_event_json_line_is_stable():
+    """The ``generate --format jsonl`` line (a server reuses it): field order, nulls,
+    non-ASCII text as is, finish fields only when set."""
+    ev = StepEvent(
+        t=3, tokens={"user": None, "assistant": 42}, text={"user": "", "assistant": "é"},
+        y={"assistant": 7}, finished={"assistant": "stop"}, finish_reason="stop",
+        prompt_tokens=5, prompt_tps=1.0, generation_timesteps=3, timesteps_per_sec=1.0,
+        generation_tokens=3, tokens_per_sec=1.0, ttft=0.1, ttft_timesteps=2,
+        peak_memory=0.0,
+    )
+    assert ev.to_json() == (
+        '{"t": 3, "tokens": {"user": null, "assistant": 42}, '
+        '"text": {"user": "", "assistant": "é"}, '
+        '"finished": {"assistant": "stop"}, "finish_reason": "stop"}'
+    )
+    assert ev.to_json(["assistant"]) == (
+        '{"t": 3, "tokens": {"assistant": 42}, "text": {"assistant": "é"}, '
+        '"finished": {"assistant": "stop"}, "finish_reason": "stop"}'
+    )

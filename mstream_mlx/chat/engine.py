@@ -30,9 +30,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 
+from ..events import StepEvent
 from ..sample import SamplingSettings
-from ..schedules import DEFAULT_SYSTEM, BlocksOptions
-from ..session import Session, StepEvent
+from ..schedules import DEFAULT_SYSTEM, BlocksOptions, schedule_class
+from ..session import Session
 from ..streams import BLOCKS
 
 ROWS_SESSION_STEPS = 100_000  # rows: a chat session has no row limit worth meeting
@@ -136,9 +137,9 @@ def make_session(
     ``close_user``: blocks: close the user block when its queue runs dry (default: when
     ``opts.close_after`` is 0).
     """
-    method = "blocks" if info.layout == BLOCKS else "rows"
     sampling = SamplingSettings(
-        temp=opts.temp, top_p=opts.top_p, top_k=opts.top_k, method=method
+        temp=opts.temp, top_p=opts.top_p, top_k=opts.top_k,
+        method=schedule_class(info.layout).sampling_method,
     )
     kwargs = dict(sampling=sampling, max_tokens=opts.max_tokens)
     if info.layout == BLOCKS:
@@ -153,7 +154,7 @@ def make_session(
         session = Session(
             model, tokenizer, max_steps=ROWS_SESSION_STEPS, interactive=True, **kwargs
         )
-        if opts.system_prompt:  # sec7 §1.3: the system prompt streams through the user channel
+        if opts.system_prompt:  # paper §7: the system prompt streams through the user channel
             session.feed(info.user, opts.system_prompt)
     for text in texts:
         session.feed(info.user, text)
@@ -161,7 +162,7 @@ def make_session(
 
 
 def cell(tokenizer, info: ModelInfo, tok: Optional[int]) -> Optional[Cell]:
-    """How one token shows in the ticker (sec7 §1.3: ``decode([t]).strip() or "-"``,
+    """How one token shows in the ticker (paper §7: ``decode([t]).strip() or "-"``,
     with visible marks for whitespace and stop tokens)."""
     if tok is None:
         return None
