@@ -3,12 +3,12 @@
 same weights (and the PyTorch reference loop where torch is available)."""
 
 import json
-from pathlib import Path
+from types import ModuleType
 from typing import List, Optional
 
 import typer
 
-USER_ERRORS = (ValueError, OSError)
+from .common import user_errors
 
 
 def _ints(text: str, flag: str) -> List[int]:
@@ -62,16 +62,17 @@ def bench_command(
     ),
 ):
     """Time multi-stream decode (N = 1, 2, 3, 4, 10) and prefill against mlx-lm."""
-    from mstream_mlx.bench import BenchOptions, format_tables, measure
+    from mstream_mlx.atomic import atomic_file
+    from mstream_mlx.benchmarks.decode import BenchOptions, format_tables, measure
 
-    try:
+    log = lambda m: typer.echo(m, err=True)  # noqa: E731
+    with user_errors():
         opts = BenchOptions(
             streams=_ints(streams, "--streams"),
             prompt_tokens=prompt_tokens,
             rows=rows,
             prefill_tokens=_ints(prefill_tokens, "--prefill-tokens"),
             repeats=repeats,
-            reference=reference,
             reference_rows=reference_rows,
             seed=seed,
         )
@@ -80,11 +81,38 @@ def bench_command(
             model=model,
             shape=shape,
             dtype=dtype,
-            log=lambda m: typer.echo(m, err=True),
+            reference=_reference(reference, log),
+            log=log,
         )
-    except USER_ERRORS as e:
-        typer.echo(f"Error: {e}", err=True)
-        raise typer.Exit(1)
-    if output is not None:
-        Path(output).write_text(json.dumps(report, indent=1) + "\n")
+        if output is not None:
+            with atomic_file(output) as tmp:
+                tmp.write_text(json.dumps(report, indent=1) + "\n")
     typer.echo(json.dumps(report, indent=1) if as_json else format_tables(report))
+
+
+def _reference(wanted: Optional[bool], log) -> Optional[ModuleType]:
+    """The PyTorch reference implementation to time (``tests/reference`` of a source
+    checkout, with torch), or ``None``; says in one line why it is missing."""
+    if wanted is False:
+        return None
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        why = "torch is not installed (pip install 'mstream-mlx[torch]')"
+    else:
+        try:
+            import tests.reference as impl
+        except ModuleNotFoundError as e:
+            if e.name in ("tests", "tests.reference"):
+                why = (
+                    "not a source checkout (tests/reference is not importable; run "
+                    "from the repository root)"
+                )
+            else:
+                why = f"the PyTorch reference needs {e.name}, which is not installed"
+        else:
+            return impl
+    if wanted:
+        raise ValueError(f"--reference: {why}.")
+    log(f"[bench] no reference column: {why}.")
+    return None
