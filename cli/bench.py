@@ -3,6 +3,8 @@
 same weights (and the PyTorch reference loop where torch is available)."""
 
 import json
+import sys
+from pathlib import Path
 from types import ModuleType
 from typing import List, Optional
 
@@ -91,27 +93,30 @@ def bench_command(
 
 
 def _reference(wanted: Optional[bool], log) -> Optional[ModuleType]:
-    """The PyTorch reference implementation to time (``tests/reference`` of a source
-    checkout, with torch), or ``None``; says in one line why it is missing."""
+    """The PyTorch reference implementation to time (``tests/reference`` of the source
+    checkout this package runs from, with torch), or ``None``; says in one line why
+    it is missing."""
     if wanted is False:
         return None
+    import mstream_mlx
+
+    checkout = Path(mstream_mlx.__file__).resolve().parents[1]
     try:
         import torch  # noqa: F401
     except ImportError:
         why = "torch is not installed (pip install 'mstream-mlx[torch]')"
     else:
-        try:
-            import tests.reference as impl
-        except ModuleNotFoundError as e:
-            if e.name in ("tests", "tests.reference"):
-                why = (
-                    "not a source checkout (tests/reference is not importable; run "
-                    "from the repository root)"
-                )
-            else:
-                why = f"the PyTorch reference needs {e.name}, which is not installed"
+        if not (checkout / "tests" / "reference" / "__init__.py").is_file():
+            why = f"not a source checkout (no tests/reference in {checkout})"
         else:
-            return impl
+            if str(checkout) not in sys.path:  # the console script's path lacks it
+                sys.path.append(str(checkout))
+            try:
+                import tests.reference as impl
+            except ModuleNotFoundError as e:
+                why = f"the PyTorch reference needs {e.name}, which is not installed"
+            else:
+                return impl
     if wanted:
         raise ValueError(f"--reference: {why}.")
     log(f"[bench] no reference column: {why}.")

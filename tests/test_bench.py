@@ -184,16 +184,15 @@ def test_masked_attention_equals_sdpa():
     assert mx.allclose(got, want, atol=1e-5).item()
 
 
-@pytest.mark.parametrize(
-    "hidden, why",
-    [
-        ("torch", "torch is not installed"),
-        ("tests.reference", "not a source checkout"),
-    ],
-)
-def test_cli_says_why_the_reference_column_is_absent(monkeypatch, hidden, why):
+@pytest.mark.parametrize("missing", ["torch", "checkout"])
+def test_cli_says_why_the_reference_column_is_absent(monkeypatch, tmp_path, missing):
     monkeypatch.setitem(bench.SHAPES, "micro", MICRO)
-    monkeypatch.setitem(sys.modules, hidden, None)  # importing it raises ImportError
+    if missing == "torch":
+        monkeypatch.setitem(sys.modules, "torch", None)  # importing it raises
+        why = "torch is not installed"
+    else:  # an installed package: no tests/ beside it
+        monkeypatch.setattr(mstream_mlx, "__file__", str(tmp_path / "pkg" / "x.py"))
+        why = f"not a source checkout (no tests/reference in {tmp_path})"
     args = ["bench", "--shape", "micro", "--streams", "1", "--prompt-tokens", "8"]
     args += ["--rows", "2", "--repeats", "1", "--json"]
     res = CliRunner().invoke(app, args)
