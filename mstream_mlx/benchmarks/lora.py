@@ -4,8 +4,9 @@
 One model shape, one token budget per step (batch x length), one trainer (mlx-lm's
 compiled ``train``).  The baseline is mlx-lm's own Qwen3 with its default loss and
 batching on single-stream sequences of the same length; the others are our Qwen3 on
-rows (paper §7, 10 streams) and blocks (paper §5, system + user + assistant) data, with and
-without Long-CE.  Reports tokens/s (every token fed to the model) and peak memory.
+rows (paper §7, 10 streams) and blocks (paper §5, system + user + assistant) data,
+with and without Long-CE.  Reports tokens/s (every token fed to the model) and peak
+memory (docs/benchmarks.md).
 
     python -m mstream_mlx.benchmarks.lora --hidden 512 --layers 8 --seq 480 --batch 2
 """
