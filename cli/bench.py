@@ -3,12 +3,14 @@
 same weights (and the PyTorch reference loop where torch is available)."""
 
 import json
+import sys
 from pathlib import Path
+from types import ModuleType
 from typing import List, Optional
 
 import typer
 
-USER_ERRORS = (ValueError, OSError)
+from .common import user_errors
 
 
 def _ints(text: str, flag: str) -> List[int]:
@@ -62,16 +64,17 @@ def bench_command(
     ),
 ):
     """Time multi-stream decode (N = 1, 2, 3, 4, 10) and prefill against mlx-lm."""
-    from mstream_mlx.bench import BenchOptions, format_tables, measure
+    from mstream_mlx.atomic import atomic_file
+    from mstream_mlx.benchmarks.decode import BenchOptions, format_tables, measure
 
-    try:
+    log = lambda m: typer.echo(m, err=True)  # noqa: E731
+    with user_errors():
         opts = BenchOptions(
             streams=_ints(streams, "--streams"),
             prompt_tokens=prompt_tokens,
             rows=rows,
             prefill_tokens=_ints(prefill_tokens, "--prefill-tokens"),
             repeats=repeats,
-            reference=reference,
             reference_rows=reference_rows,
             seed=seed,
         )
@@ -80,11 +83,41 @@ def bench_command(
             model=model,
             shape=shape,
             dtype=dtype,
-            log=lambda m: typer.echo(m, err=True),
+            reference=_reference(reference, log),
+            log=log,
         )
-    except USER_ERRORS as e:
-        typer.echo(f"Error: {e}", err=True)
-        raise typer.Exit(1)
-    if output is not None:
-        Path(output).write_text(json.dumps(report, indent=1) + "\n")
+        if output is not None:
+            with atomic_file(output) as tmp:
+                tmp.write_text(json.dumps(report, indent=1) + "\n")
     typer.echo(json.dumps(report, indent=1) if as_json else format_tables(report))
+
+
+def _reference(wanted: Optional[bool], log) -> Optional[ModuleType]:
+    """The PyTorch reference implementation to time (``tests/reference`` of the source
+    checkout this package runs from, with torch), or ``None``; says in one line why
+    it is missing."""
+    if wanted is False:
+        return None
+    import mstream_mlx
+
+    checkout = Path(mstream_mlx.__file__).resolve().parents[1]
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        why = "torch is not installed (pip install 'mstream-mlx[torch]')"
+    else:
+        if not (checkout / "tests" / "reference" / "__init__.py").is_file():
+            why = f"not a source checkout (no tests/reference in {checkout})"
+        else:
+            if str(checkout) not in sys.path:  # the console script's path lacks it
+                sys.path.append(str(checkout))
+            try:
+                import tests.reference as impl
+            except ModuleNotFoundError as e:
+                why = f"the PyTorch reference needs {e.name}, which is not installed"
+            else:
+                return impl
+    if wanted:
+        raise ValueError(f"--reference: {why}.")
+    log(f"[bench] no reference column: {why}.")
+    return None

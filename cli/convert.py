@@ -6,13 +6,7 @@ from typing import Optional
 
 import typer
 
-# What a user can get wrong (paths, flags, checkpoints, disk space): one line each.
-USER_ERRORS = (ValueError, OSError, ImportError)
-
-
-def _fail(e: Exception):
-    typer.echo(f"Error: {' '.join(str(e).split())}", err=True)
-    raise typer.Exit(1)
+from .common import REVISION, user_errors
 
 
 def convert(
@@ -54,13 +48,14 @@ def convert(
         "--channel-names",
         help="Comma-separated stream names, e.g. system,user,assistant.",
     ),
-    revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision."),
+    revision: Optional[str] = REVISION,
 ):
     """Convert a multi-stream PyTorch checkpoint (or a plain Qwen base) to MLX."""
     from mstream_mlx.convert.hf_to_mlx import convert as run
 
     names = [n.strip() for n in channel_names.split(",")] if channel_names else None
-    try:
+    # ImportError: a PyTorch .bin checkpoint and no torch installed
+    with user_errors(ImportError):
         run(
             hf_path,
             mlx_path,
@@ -75,8 +70,6 @@ def convert(
             channel_names=names,
             revision=revision,
         )
-    except USER_ERRORS as e:
-        _fail(e)
 
 
 def export(
@@ -88,12 +81,10 @@ def export(
     force: bool = typer.Option(
         False, "--force", help="Replace an existing --torch-path."
     ),
-    revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision."),
+    revision: Optional[str] = REVISION,
 ):
     """Export an MLX model folder as PyTorch safetensors the reference code loads."""
     from mstream_mlx.convert.mlx_to_torch import export as run
 
-    try:
+    with user_errors(ImportError):
         run(model, torch_path, dtype=dtype, force=force, revision=revision)
-    except USER_ERRORS as e:
-        _fail(e)

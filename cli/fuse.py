@@ -4,7 +4,7 @@ flags)."""
 
 import typer
 
-USER_ERRORS = (ValueError, OSError)
+from .common import user_errors
 
 
 def fuse(
@@ -27,7 +27,7 @@ def fuse(
     """Fuse LoRA/DoRA adapters (and the trained channel embedding) into a model."""
     from mstream_mlx.tuner.fuse import fuse as run
 
-    try:
+    with user_errors():
         run(
             model,
             adapter_path,
@@ -36,6 +36,3 @@ def fuse(
             force=force,
             log=lambda m: typer.echo(m, err=True),
         )
-    except USER_ERRORS as e:
-        typer.echo(f"Error: {e}", err=True)
-        raise typer.Exit(1)

@@ -2,6 +2,7 @@
 """``mstream-mlx generate``: run a multi-stream model on a prompt and print every stream
 live (columns or interleaved lines, a colour per stream) or as JSON lines."""
 
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -9,10 +10,23 @@ from typing import Dict, List, Optional
 
 import typer
 
+from .common import (
+    ADAPTER_PATH,
+    MODEL,
+    SEED,
+    SYSTEM_PROMPT,
+    TEMP,
+    TOP_K,
+    TOP_P,
+    choice,
+    default_model_path,
+    user_errors,
+)
+
 FORMATS = ("text", "jsonl")
 DISPLAYS = ("columns", "lines")
 SAMPLERS = ("reference", "mlx")
-# the reference demo's colours (sec7 §7.3): user blue, output green, the rest cyan/yellow
+# the reference demo's colours (docs/chat.md): user blue, output green, then cyan, yellow
 COLOURS = ("green", "cyan", "yellow", "magenta", "red")
 SAMPLING_KEYS = (
     "temp",
@@ -24,23 +38,6 @@ SAMPLING_KEYS = (
     "frequency_penalty",
     "seed",
 )
-
-
-def default_model_path() -> Path:
-    """The bundled default model folder (``mstream_mlx/assets/default_model``).
-
-    Raises:
-        ValueError: when no default model is bundled.
-    """
-    import mstream_mlx
-
-    path = Path(mstream_mlx.__file__).parent / "assets" / "default_model"
-    if not path.exists():
-        raise ValueError(
-            f"No --model given and no bundled default model at {path}; pass --model "
-            "PATH_OR_HUB_ID."
-        )
-    return path
 
 
 def _parse_pairs(text: str, what: str) -> Dict[str, str]:
@@ -108,12 +105,12 @@ def _interrupts(items: List[str]) -> Dict[int, str]:
 class _Printer:
     """Live text output: one column per stream, or interleaved ``Name: text`` lines."""
 
-    def __init__(self, session, shown: List[str], display: str, colour: bool):
-        self.s = session
+    def __init__(self, spec, tokenizer, shown: List[str], display: str, colour: bool):
+        self.spec = spec
+        self.tokenizer = tokenizer
         self.shown = shown
         self.display = display
         self.colour = colour
-        spec = session.spec
         self.styles = {}
         k = 0
         for c, name in enumerate(spec.names):
@@ -142,7 +139,7 @@ class _Printer:
         if self.display == "columns":
             if all(ev.tokens[n] is None for n in self.shown):
                 return
-            sil = self.s.spec.silence_token
+            sil = self.spec.silence_token
             cells = []
             for n in self.shown:
                 tok = ev.tokens[n]
@@ -152,7 +149,7 @@ class _Printer:
                     else (
                         "-"
                         if tok == sil
-                        else self.s.tokenizer.decode([tok]).strip() or "-"
+                        else self.tokenizer.decode([tok]).strip() or "-"
                     )
                 )
                 w = self.width[n]
@@ -177,20 +174,12 @@ class _Printer:
 
 
 def generate_command(
-    model: Optional[str] = typer.Option(
-        None, "--model", help="Model folder or Hub id (default: the bundled model)."
-    ),
-    adapter_path: Optional[str] = typer.Option(
-        None, "--adapter-path", help="LoRA adapters from `mstream-mlx lora`."
-    ),
+    model: Optional[str] = MODEL,
+    adapter_path: Optional[str] = ADAPTER_PATH,
     prompt: Optional[str] = typer.Option(
         None, "--prompt", "-p", help="Text for the main input stream ('-' reads stdin)."
     ),
-    system_prompt: Optional[str] = typer.Option(
-        None,
-        "--system-prompt",
-        help="Blocks: the system block; rows: read first on the user stream (reference).",
-    ),
+    system_prompt: Optional[str] = SYSTEM_PROMPT,
     max_tokens: Optional[int] = typer.Option(
         None,
         "--max-tokens",
@@ -200,11 +189,9 @@ def generate_command(
     max_steps: Optional[int] = typer.Option(
         None, "--max-steps", help="Decode timesteps (rows: max_rows 200; blocks: 4096)."
     ),
-    temp: float = typer.Option(
-        0.0, "--temp", help="Sampling temperature (0 = greedy)."
-    ),
-    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass."),
-    top_k: int = typer.Option(0, "--top-k", help="Keep the k best tokens (0 = off)."),
+    temp: float = TEMP,
+    top_p: float = TOP_P,
+    top_k: int = TOP_K,
     min_p: float = typer.Option(
         0.0, "--min-p", help="Min-p (mlx: relative; reference blocks: absolute)."
     ),
@@ -239,9 +226,7 @@ def generate_command(
         "--stream-config",
         help="Per-stream settings, repeatable: NAME:temp=0.7,top_k=20,max_tokens=50,seed=1.",
     ),
-    seed: Optional[int] = typer.Option(
-        None, "--seed", help="Seed of the MLX random generator."
-    ),
+    seed: Optional[int] = SEED,
     stop_token: List[str] = typer.Option(
         [],
         "--stop-token",
@@ -285,7 +270,7 @@ def generate_command(
     no_pipeline: bool = typer.Option(
         False, "--no-pipeline", help="No async double-buffering."
     ),
-    # rows (sec7 §7.2)
+    # rows (paper §7)
     interactive: bool = typer.Option(
         False, "--interactive", help="Rows: interactive mode (never stops on silence)."
     ),
@@ -333,7 +318,7 @@ def generate_command(
         "--keep-sampled-user",
         help="Rows, interactive + prefill rows: the reference's sampled-user quirk.",
     ),
-    # blocks (sec5 §7)
+    # blocks (paper §5-6)
     head_prefill: List[str] = typer.Option(
         [],
         "--head-prefill",
@@ -351,133 +336,128 @@ def generate_command(
     ),
 ):
     """Generate from a multi-stream model, printing every stream as it is written."""
-    try:
-        _run(locals())
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        typer.echo(f"Error: {msg}", err=True)
-        raise typer.Exit(1)
+    with user_errors(RuntimeError):
+        choice("--format", fmt, FORMATS)
+        if display is not None:
+            choice("--display", display, DISPLAYS)
+        choice("--sampler", sampler, SAMPLERS)
+        if prompt == "-":
+            prompt = sys.stdin.read()
+        interrupts = _interrupts(interrupt)
+        if prompt is not None and not prompt.strip():
+            raise ValueError("--prompt is empty.")
+        if prompt is None and not interrupts and not interactive:
+            raise ValueError("Nothing to read: pass --prompt TEXT ('-' reads stdin).")
+
+        import mlx.core as mx
+
+        import mstream_mlx
+        from mstream_mlx import BlocksOptions, RowsOptions, SamplingSettings
+        from mstream_mlx.streams import BLOCKS
+
+        if seed is not None:
+            mx.random.seed(seed)
+        net, tokenizer = mstream_mlx.load(
+            model or str(default_model_path()), adapter_path=adapter_path
+        )
+        spec = net.streams
+        blocks = spec.layout == BLOCKS
+        base = SamplingSettings(
+            temp=temp,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            min_tokens_to_keep=min_tokens_to_keep,
+            repetition_penalty=repetition_penalty,
+            repetition_context_size=repetition_context_size,
+            presence_penalty=presence_penalty,
+            presence_context_size=presence_context_size,
+            method=sampler if sampler == "mlx" else ("blocks" if blocks else "rows"),
+        )
+        sampling, caps = _stream_configs(stream_config, base, max_tokens)
+        blocks_options = rows_options = None
+        if blocks:
+            blocks_options = BlocksOptions(
+                head_prefill=head_prefill,
+                stop_all_on_last_head=not no_stop_all,
+                allow_same_step_visible=allow_same_step_visible,
+            )
+        else:
+            rows_options = RowsOptions.for_model(
+                net,
+                pre_think=pre_think,
+                prefill_rows=(
+                    json.loads(prefill_rows.read_text()) if prefill_rows else None
+                ),
+                seed_words=(
+                    [" " + w.strip() for w in seed_words.split(",")]
+                    if seed_words
+                    else None
+                ),
+                silence_penalty=silence_penalty,
+                think_silence_penalty=think_silence_penalty,
+                silence_penalty_during_user_talk=silence_penalty_during_user_talk
+                or None,
+                silence_exit=silence_exit,
+                ablate=[s.strip() for s in ablate.split(",")] if ablate else None,
+                skip_silence=skip_silence or None,
+                keep_sampled_user=keep_sampled_user or None,
+            )
+        if streams:
+            shown = [
+                spec.names[spec.index(s.strip())]
+                for s in streams.split(",")
+                if s.strip()
+            ]
+        else:
+            shown = [n for c, n in enumerate(spec.names) if not (blocks and c == 0)]
+        events = mstream_mlx.stream_generate(
+            net,
+            tokenizer,
+            prompt,
+            system_prompt=system_prompt,
+            interrupts=interrupts,
+            sampling=sampling,
+            # {"*": None} alone would override the layout's default cap
+            max_tokens=caps if len(caps) > 1 else caps["*"],
+            stop_tokens=_stop_tokens(stop_token),
+            max_steps=max_steps,
+            rows=rows_options,
+            blocks=blocks_options,
+            interactive=True if interactive and not blocks else None,
+            max_kv_size=max_kv_size,
+            prompt_cache_file=prompt_cache_file,
+            prefill_step_size=prefill_step_size,
+            record_logits=record_logits,
+            pipeline=False if no_pipeline else None,
+        )
+        # the first event builds the Session: a bad setting fails before any output
+        first = next(events, None)
+        printer = _Printer(
+            spec,
+            tokenizer,
+            shown,
+            display or ("lines" if len(shown) == 1 else "columns"),
+            colour=not no_color and sys.stdout.isatty(),
+        )
+        if first is not None:
+            events = itertools.chain([first], events)
+        _show(events, printer, shown, fmt == "text")
 
 
-def _run(a: dict):
-    if a["fmt"] not in FORMATS:
-        raise ValueError(
-            f"--format must be one of {', '.join(FORMATS)}, got {a['fmt']!r}."
-        )
-    if a["display"] is not None and a["display"] not in DISPLAYS:
-        raise ValueError(
-            f"--display must be one of {', '.join(DISPLAYS)}, got {a['display']!r}."
-        )
-    if a["sampler"] not in SAMPLERS:
-        raise ValueError(
-            f"--sampler must be one of {', '.join(SAMPLERS)}, got {a['sampler']!r}."
-        )
-    prompt = a["prompt"]
-    if prompt == "-":
-        prompt = sys.stdin.read()
-    interrupts = _interrupts(a["interrupt"])
-    if prompt is not None and not prompt.strip():
-        raise ValueError("--prompt is empty.")
-    if prompt is None and not interrupts and not a["interactive"]:
-        raise ValueError("Nothing to read: pass --prompt TEXT ('-' reads stdin).")
+def _show(events, printer: _Printer, shown: List[str], text: bool):
+    """Print every event (text or JSON lines), then mlx-lm's summary on stderr."""
+    from mstream_mlx.generate import print_summary
 
-    import mlx.core as mx
-
-    import mstream_mlx
-    from mstream_mlx.generate import feed_prompt, main_input, print_summary
-    from mstream_mlx.sample import SamplingSettings
-    from mstream_mlx.schedules import BlocksOptions, RowsOptions
-    from mstream_mlx.session import Session
-    from mstream_mlx.streams import BLOCKS
-
-    if a["seed"] is not None:
-        mx.random.seed(a["seed"])
-    model_path = a["model"] or str(default_model_path())
-    model, tokenizer = mstream_mlx.load(model_path, adapter_path=a["adapter_path"])
-    spec = model.streams
-    blocks = spec.layout == BLOCKS
-    method = a["sampler"] if a["sampler"] == "mlx" else ("blocks" if blocks else "rows")
-    base = SamplingSettings(
-        temp=a["temp"],
-        top_p=a["top_p"],
-        top_k=a["top_k"],
-        min_p=a["min_p"],
-        min_tokens_to_keep=a["min_tokens_to_keep"],
-        repetition_penalty=a["repetition_penalty"],
-        repetition_context_size=a["repetition_context_size"],
-        presence_penalty=a["presence_penalty"],
-        presence_context_size=a["presence_context_size"],
-        method=method,
-    )
-    sampling, max_tokens = _stream_configs(a["stream_config"], base, a["max_tokens"])
-    kwargs = dict(
-        sampling=sampling,
-        stop_tokens=_stop_tokens(a["stop_token"]),
-        max_steps=a["max_steps"],
-        max_kv_size=a["max_kv_size"],
-        prompt_cache_file=a["prompt_cache_file"],
-        prefill_step_size=a["prefill_step_size"],
-        record_logits=a["record_logits"],
-        pipeline=False if a["no_pipeline"] else None,
-    )
-    if max_tokens != {"*": None}:
-        kwargs["max_tokens"] = max_tokens if len(max_tokens) > 1 else max_tokens["*"]
-    if blocks:
-        kwargs["blocks"] = BlocksOptions(
-            head_prefill=a["head_prefill"],
-            close_user=not interrupts,  # with interrupts the CLI closes after the last one
-            stop_all_on_last_head=not a["no_stop_all"],
-            allow_same_step_visible=a["allow_same_step_visible"],
-        )
-    else:
-        table = json.loads(a["prefill_rows"].read_text()) if a["prefill_rows"] else None
-        words = (
-            [" " + w.strip() for w in a["seed_words"].split(",")]
-            if a["seed_words"]
-            else None
-        )
-        kwargs["rows"] = RowsOptions.for_model(
-            model,
-            pre_think=a["pre_think"],
-            prefill_rows=table,
-            seed_words=words,
-            silence_penalty=a["silence_penalty"],
-            think_silence_penalty=a["think_silence_penalty"],
-            silence_penalty_during_user_talk=a["silence_penalty_during_user_talk"] or None,
-            silence_exit=a["silence_exit"],
-            ablate=[s.strip() for s in a["ablate"].split(",")] if a["ablate"] else None,
-            skip_silence=a["skip_silence"] or None,
-            keep_sampled_user=a["keep_sampled_user"] or None,
-        )
-        kwargs["interactive"] = True if a["interactive"] else None
-    session = Session(model, tokenizer, **kwargs)
-    if a["streams"]:
-        shown = [
-            spec.names[spec.index(s.strip())]
-            for s in a["streams"].split(",")
-            if s.strip()
-        ]
-    else:
-        shown = [n for c, n in enumerate(spec.names) if not (blocks and c == 0)]
-    feed_prompt(session, prompt, a["system_prompt"])
-    display = a["display"] or ("lines" if len(shown) == 1 else "columns")
-    colour = not a["no_color"] and sys.stdout.isatty()
-    printer = _Printer(session, shown, display, colour)
-    text = a["fmt"] == "text"
     if text:
         typer.echo("=" * 10)
         printer.header()
     event = None
-    last_interrupt = max(interrupts) if interrupts else None
-    for event in session:
+    for event in events:
         if text:
             printer.event(event)
         else:
             typer.echo(event.to_json(shown))
-        if event.t in interrupts and not session.done:
-            session.feed(main_input(spec), interrupts[event.t])
-            if blocks and event.t == last_interrupt:
-                session.close()
     if text:
         printer.end()
         typer.echo("=" * 10)

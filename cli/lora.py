@@ -6,8 +6,7 @@ from typing import Optional
 
 import typer
 
-# What a user can get wrong (paths, flags, data lines): one line each, no traceback.
-USER_ERRORS = (ValueError, OSError)
+from .common import user_errors
 
 
 def _weights(text: Optional[str]):
@@ -155,15 +154,48 @@ def lora(
     ),
 ):
     """Fine-tune a multi-stream model on multi-stream JSONL data."""
-    flags = dict(locals())
-    flags.pop("config")
     from mstream_mlx.tuner.train import resolve_args, run
 
-    flags["stream_weights"] = _weights(stream_weights)
-    if lora_keys is not None:
-        flags["lora_keys"] = [k.strip() for k in lora_keys.split(",") if k.strip()]
-    try:
+    # None = not given, so the YAML (-c) or the default applies (mlx_lm.lora's order)
+    flags = {
+        "model": model,
+        "train": train,
+        "test": test,
+        "data": data,
+        "fine_tune_type": fine_tune_type,
+        "num_layers": num_layers,
+        "lora_rank": lora_rank,
+        "lora_scale": lora_scale,
+        "lora_dropout": lora_dropout,
+        "lora_keys": (
+            None
+            if lora_keys is None
+            else [k.strip() for k in lora_keys.split(",") if k.strip()]
+        ),
+        "optimizer": optimizer,
+        "learning_rate": learning_rate,
+        "lr_schedule": lr_schedule,
+        "warmup": warmup,
+        "batch_size": batch_size,
+        "iters": iters,
+        "grad_accumulation_steps": grad_accumulation_steps,
+        "grad_checkpoint": grad_checkpoint,
+        "max_seq_length": max_seq_length,
+        "val_batches": val_batches,
+        "test_batches": test_batches,
+        "steps_per_report": steps_per_report,
+        "steps_per_eval": steps_per_eval,
+        "save_every": save_every,
+        "adapter_path": adapter_path,
+        "resume_adapter_file": resume_adapter_file,
+        "seed": seed,
+        "wait_k": wait_k,
+        "auditor_wait": auditor_wait,
+        "system_prompt": system_prompt,
+        "stream_weights": _weights(stream_weights),
+        "long_ce": long_ce,
+        "long_ce_gamma": long_ce_gamma,
+        "skip_invalid": skip_invalid,
+    }
+    with user_errors():
         run(resolve_args(flags, config), log=lambda m: typer.echo(m, err=True))
-    except USER_ERRORS as e:
-        typer.echo(f"Error: {e}", err=True)
-        raise typer.Exit(1)

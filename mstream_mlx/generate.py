@@ -7,9 +7,11 @@ every output stream has stopped, and :func:`generate` returns each stream's text
         print(event.text["Output"], end="", flush=True)
 """
 
+import dataclasses
 import sys
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
+from .schedules import BlocksOptions
 from .session import Session, StepEvent
 from .streams import BLOCKS
 
@@ -25,7 +27,8 @@ def feed_prompt(session: Session, prompt: Prompt, system_prompt: Optional[str] =
     """Queue a prompt: text or ids for the main input stream, or ``{stream: text|ids}``.
 
     ``system_prompt`` goes to the blocks ``system`` stream; in the rows layout it is read
-    first on the user stream (the reference's ``f"{system}\\n\\n{prompt}"``, sec7 §1.3).
+    first on the user stream, as the reference does (``f"{system}\\n\\n{prompt}"``;
+    docs/parity.md).
     """
     spec = session.spec
     if system_prompt:
@@ -57,18 +60,29 @@ def stream_generate(
             ``None``/empty in the rows layout starts an interactive run.
         system_prompt: see :func:`feed_prompt`.
         interrupts: ``{t: text|ids}`` fed to the main input stream right after event
-            ``t`` (a scripted interrupt).
+            ``t`` (a scripted interrupt).  In the blocks layout the user block stays
+            open until the last interrupt is fed and closes then (with
+            ``BlocksOptions(close_user=False)`` it stays open).
         **kwargs: :class:`Session` options (``sampling``, ``max_tokens``, ``rows``, ...).
 
     Yields:
         StepEvent: the last one has ``finish_reason`` set.
     """
+    interrupts = dict(interrupts or {})
+    close_after = None  # the interrupt after which the blocks user block closes
+    if interrupts and model.streams.layout == BLOCKS:
+        blocks = kwargs.get("blocks") or BlocksOptions()
+        if blocks.close_user:
+            close_after = max(interrupts)
+            kwargs["blocks"] = dataclasses.replace(blocks, close_user=False)
     session = Session(model, tokenizer, **kwargs)
     feed_prompt(session, prompt, system_prompt)
     for event in session:
         yield event
-        if interrupts and event.t in interrupts:
+        if event.t in interrupts and not session.done:
             session.feed(main_input(session.spec), interrupts[event.t])
+            if event.t == close_after:
+                session.close()
 
 
 def generate(

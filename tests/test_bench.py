@@ -2,14 +2,19 @@
 """``mstream-mlx bench``: a tiny shape, a few steps; the report's structure, and ratios
 that are recomputed here from the raw timed runs it carries."""
 
+import ast
 import json
 import statistics
+import sys
+from pathlib import Path
 
 import mlx.core as mx
 import pytest
 from typer.testing import CliRunner
 
-from mstream_mlx import bench
+import mstream_mlx
+import tests.reference
+from mstream_mlx.benchmarks import decode as bench
 from mstream_mlx.cli.main import app
 from mstream_mlx.models.qwen3 import Model, ModelArgs
 from mstream_mlx.streams import blocks_spec
@@ -38,7 +43,7 @@ def report():
     opts = bench.BenchOptions(
         streams=(1, 3), prompt_tokens=12, rows=3, prefill_tokens=(20, 40), repeats=2
     )
-    return bench.run_bench(model, tok, opts, name="micro")
+    return bench.run_bench(model, tok, opts, name="micro", reference=tests.reference)
 
 
 def rate(sample, metric):
@@ -178,3 +183,36 @@ def test_masked_attention_equals_sdpa():
     want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask)
     got = masked_attention(q, k, v, 0.25, mask)
     assert mx.allclose(got, want, atol=1e-5).item()
+
+
+@pytest.mark.parametrize("missing", ["torch", "checkout"])
+def test_cli_says_why_the_reference_column_is_absent(monkeypatch, tmp_path, missing):
+    monkeypatch.setitem(bench.SHAPES, "micro", MICRO)
+    if missing == "torch":
+        monkeypatch.setitem(sys.modules, "torch", None)  # importing it raises
+        why = "torch is not installed"
+    else:  # an installed package: no tests/ beside it
+        monkeypatch.setattr(mstream_mlx, "__file__", str(tmp_path / "pkg" / "x.py"))
+        why = f"not a source checkout (no tests/reference in {tmp_path})"
+    args = ["bench", "--shape", "micro", "--streams", "1", "--prompt-tokens", "8"]
+    args += ["--rows", "2", "--repeats", "1", "--json"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert f"[bench] no reference column: {why}" in res.stderr
+    assert "reference" not in json.loads(res.stdout)["streams"][0]
+    res = CliRunner().invoke(app, [*args, "--reference"])
+    assert res.exit_code == 1
+    assert res.stderr.startswith("Error: --reference: ") and why in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_the_library_never_imports_the_test_suite():
+    root = Path(mstream_mlx.__file__).parent
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            assert not any(n.split(".")[0] == "tests" for n in names), path

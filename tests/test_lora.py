@@ -624,7 +624,7 @@ def test_progress_rich_and_plain_lines():
 
 @pytest.mark.slow
 def test_benchmark_runs():
-    from mstream_mlx.tuner.bench import run_bench, table
+    from mstream_mlx.benchmarks.lora import run_bench, table
 
     rows = run_bench(
         hidden=64,

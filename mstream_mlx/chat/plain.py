@@ -11,7 +11,7 @@ a script is the same every time for a given ``--seed``.  Per turn it prints::
                                 --hide-thinking)
 
 A rows turn ends once the message has been read and then every output stream is
-silent in one row (the reference's stop rule, sec7 §7.2), the first output stream has
+silent in one row (the reference's stop rule, paper §7), the first output stream has
 been silent for :data:`QUIET_ROWS` rows after speaking, or ``--max-steps`` rows
 (default :data:`PLAIN_TURN_ROWS`) have passed; the session (and its context) goes on
 with the next line.  A blocks turn is one conversation: it ends when the heads stop.

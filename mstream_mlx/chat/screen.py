@@ -6,7 +6,7 @@ one without blocking (the typing line stays live while the model runs on its wor
 thread), it knows Esc, PgUp and resizes, and ``curses.wrapper`` restores the terminal
 however the program ends.  ``rich`` (already a dependency) draws well but reads no
 keys; ``textual`` would add a large dependency for one screen.  The reference demo
-(``demo_interactive.py``, sec7 §7.3) is curses too; the layout follows it::
+(``demo_interactive.py``; docs/chat.md) is curses too; the layout follows it::
 
     header      model, layout, state (PAUSED / running), keys      (reverse video)
     log         You: ... / Output: ...  word-wrapped, newest at the bottom, PgUp/PgDn

@@ -1,6 +1,6 @@
 # Copyright © 2026 mstream-mlx contributors.
 """What a chat said and wrote: the conversation log (You / the first output stream, as
-the reference demo shows it, sec7 §7.3) and every stream's tokens and text per
+the reference demo shows it; docs/chat.md) and every stream's tokens and text per
 session, saved as JSON by ``/save``."""
 
 import json
@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
-from ..session import StepEvent
+from ..atomic import atomic_file
+from .. import StepEvent
 from .engine import ModelInfo
 
 YOU = "You"
@@ -114,22 +115,16 @@ class Transcript:
         }
 
     def save(self, path) -> Path:
-        """Write the JSON atomically (a temporary file in the same folder, then
-        ``os.replace``), so a crash never leaves half a transcript."""
+        """Write the JSON atomically (``mstream_mlx.atomic``), so a crash never leaves
+        half a transcript."""
         path = Path(path).expanduser()
         if path.is_dir():
             raise ValueError(f"/save needs a file name; {path} is a folder.")
         if not path.parent.exists():
             raise FileNotFoundError(f"No folder {path.parent} to save {path.name} in.")
-        tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
-        try:
+        with atomic_file(path) as tmp:
             with open(tmp, "w", encoding="utf-8") as f:
                 json.dump(self.to_dict(), f, ensure_ascii=False, indent=1)
                 f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+                os.fsync(f.fileno())  # on disk before the rename makes it the file
         return path

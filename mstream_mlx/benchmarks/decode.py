@@ -4,12 +4,13 @@
 One run builds (or loads) a model once and times, per number of streams N:
 
 * our real decode path: :class:`~mstream_mlx.session.Session` in the blocks layout
-  (§5-6) with N assistant heads, so every timestep feeds N tokens (plus the user's
+  (paper §5-6) with N assistant heads, so every timestep feeds N tokens (plus the user's
   ``<|im_end|>`` at the first step, as the reference loop does);
 * the same model in a bare loop (forward, argmax, ``async_eval`` pipelining), which
   shows what the Session's per-step work costs;
-* the PyTorch reference decode loop (``tests/reference``) on the same weights, when
-  it can be imported (a checkout with torch);
+* the PyTorch reference decode loop on the same weights, when the caller passes the
+  reference implementation in (``reference=``: a source checkout's ``tests/reference``,
+  with torch; see :mod:`.reference`);
 
 and, as the baseline, mlx-lm's ``stream_generate`` on mlx-lm's own model class holding
 the very same weight arrays (minus the channel table).  A prefill table compares
@@ -18,7 +19,7 @@ prompt and on a 10-stream rows prompt (explicit mask), with peak memory.
 
 Everything is warmed up before timing and reported as the median over repeats.
 
-    python -m mstream_mlx.cli.main bench --shape qwen3-0.6b --dtype bfloat16
+    mstream-mlx bench --shape qwen3-0.6b --dtype bfloat16
 """
 
 import dataclasses
@@ -28,6 +29,7 @@ import platform
 import statistics
 import time
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Callable, Dict, List, Optional, Sequence
 
 import mlx.core as mx
@@ -35,10 +37,10 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .prefill import prefill
-from .schedules import BlocksOptions
-from .session import Session, generation_stream
-from .streams import Flat, blocks_spec, rows_to_flat
+from .. import BlocksOptions, Session
+from ..prefill import prefill
+from ..session import generation_stream
+from ..streams import Flat, blocks_spec, rows_to_flat
 
 QWEN3 = {
     "model_type": "qwen3",
@@ -101,7 +103,6 @@ class BenchOptions:
         prefill_tokens: prompt lengths of the prefill table (default: prompt_tokens).
         repeats: timed runs per measurement (the median is reported).
         warmup: one untimed run of each shape first.
-        reference: time the PyTorch reference loop (``None``: when importable).
         reference_rows: decode timesteps of the reference loop (default: ``rows``).
         seed: prompt ids and random weights.
     """
@@ -112,7 +113,6 @@ class BenchOptions:
     prefill_tokens: Sequence[int] = ()
     repeats: int = 3
     warmup: bool = True
-    reference: Optional[bool] = None
     reference_rows: Optional[int] = None
     seed: int = 0
 
@@ -154,7 +154,7 @@ def synthetic_tokenizer(vocab_size: int):
 
 def random_model(shape: str, dtype=mx.bfloat16, seed: int = 0):
     """A random-weight multi-stream Qwen3 of a named shape, and a synthetic tokenizer."""
-    from .models.qwen3 import Model, ModelArgs
+    from ..models.qwen3 import Model, ModelArgs
 
     if shape not in SHAPES:
         raise ValueError(f"Unknown shape {shape!r}; choose one of {', '.join(SHAPES)}.")
@@ -412,92 +412,6 @@ def prefill_mlx_lm(lm, prompt: List[int]) -> Run:
     return Run(len(prompt), t, 0, 0, 0.0, mx.get_peak_memory() / 1e9)
 
 
-# --------------------------------------------------------- PyTorch reference
-class _Clocked:
-    """Records when each model call of the reference loop starts."""
-
-    def __init__(self, model):
-        self.model, self.calls = model, []
-
-    @property
-    def device(self):
-        return self.model.device
-
-    def new_cache(self):
-        return self.model.new_cache()
-
-    def __call__(self, *args, **kwargs):
-        self.calls.append(time.perf_counter())
-        return self.model(*args, **kwargs)
-
-
-class Reference:
-    """``tests.reference.RefModel`` with our weights, and its blocks decode loop."""
-
-    def __init__(self, model, max_heads: int):
-        import torch
-
-        from tests.reference import RefModel
-
-        self.torch = torch
-        self.cuda = torch.cuda.is_available()
-        device = torch.device("cuda" if self.cuda else "cpu")
-        dtype = {
-            mx.float32: torch.float32,
-            mx.bfloat16: torch.bfloat16,
-            mx.float16: torch.float16,
-        }[model.model.embed_tokens.weight.dtype]
-        config = {**dataclasses.asdict(model.args), "num_channels": max_heads + 2}
-        with torch.device("meta"):
-            ref = RefModel(config).to(dtype)
-        ref = ref.to_empty(device=device)
-        state = {}
-        for k, v in tree_flatten(model.parameters()):
-            if "channel_embedding" not in k:
-                state[k] = torch.from_numpy(np.array(v.astype(mx.float32)))
-        gen = torch.Generator().manual_seed(0)
-        hidden = model.args.hidden_size
-        state["model.channel_embedding.weight"] = 0.02 * torch.randn(
-            max_heads + 2, hidden, generator=gen
-        )
-        ref.load_state_dict(state, strict=True)
-        self.model = ref.eval()
-        self.device_name = (
-            torch.cuda.get_device_name(0)
-            if self.cuda
-            else f"CPU {platform.machine()} (torch {torch.__version__})"
-        )
-
-    def run(self, prompt: List[int], heads: int, rows: int) -> Run:
-        from tests.reference import blocks_generate
-
-        torch = self.torch
-        clocked = _Clocked(self.model)
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats()
-        ids = {"system": 3, "user": 4, "assistant": 5}
-        start = time.perf_counter()
-        out = blocks_generate(
-            clocked,
-            system_ids=list(prompt),
-            user_ids=[],
-            im_start=1,
-            im_end=2,
-            newline=6,
-            role_ids=ids,
-            num_heads=heads,
-            max_new_tokens=rows + 1,
-        )
-        end = time.perf_counter()
-        steps = len(out.steps)
-        peak = torch.cuda.max_memory_allocated() / 1e9 if self.cuda else 0.0
-        first = clocked.calls[1] if steps else end
-        tokens = sum(len(feeds) for feeds in out.steps) - sum(
-            f.cid == 1 for feeds in out.steps for f in feeds
-        )
-        return Run(len(out.prefill), first - start, steps, tokens, end - first, peak)
-
-
 # -------------------------------------------------------------------- driver
 def _summary(runs: List[Run]) -> Dict:
     """Medians of a list of runs, and the runs themselves (``samples``)."""
@@ -563,6 +477,7 @@ def run_bench(
     *,
     name: str = "",
     quantization: Optional[dict] = None,
+    reference: Optional[ModuleType] = None,
     log: Callable[[str], None] = lambda m: None,
 ) -> dict:
     """Measure ``model`` against mlx-lm (and the reference) and return the report.
@@ -574,6 +489,9 @@ def run_bench(
         opts: what to measure.
         name: shape or model path, for the report.
         quantization: the model folder's ``quantization`` entry (shared weights).
+        reference: the PyTorch reference implementation to time beside ours (a
+            module with ``RefModel`` and ``blocks_generate``, e.g. ``tests.reference``
+            of a source checkout; needs torch); ``None``: no reference column.
         log: progress lines.
 
     Returns:
@@ -584,17 +502,11 @@ def run_bench(
     vocab = model.args.vocab_size
     prompt = rng.integers(FIRST_FREE_ID, vocab, opts.prompt_tokens).tolist()
     lm = mlx_lm_model(model, quantization)
-    use_ref = opts.reference
     ref = None
-    if use_ref is None or use_ref:
-        try:
-            ref = Reference(model, max(opts.streams))
-        except ImportError as e:
-            if use_ref:
-                raise ValueError(
-                    "The PyTorch reference needs torch and the tests/ folder of a "
-                    f"checkout (run from the repository root): {e}"
-                ) from e
+    if reference is not None:
+        from .reference import TorchReference
+
+        ref = TorchReference(model, max(opts.streams), reference)
     report = {
         "name": name,
         "device": device_name(),
@@ -684,6 +596,7 @@ def measure(
     model: Optional[str] = None,
     shape: Optional[str] = None,
     dtype: Optional[str] = None,
+    reference: Optional[ModuleType] = None,
     log: Callable[[str], None] = lambda m: None,
 ) -> dict:
     """Build a random model of ``shape`` (or load ``model``) and :func:`run_bench` it.
@@ -694,6 +607,7 @@ def measure(
         shape: a name in :data:`SHAPES` (random weights, synthetic tokenizer).
         dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``; default bfloat16 for a
             shape, the stored dtype for a loaded model.
+        reference, log: see :func:`run_bench`.
     """
     if (model is None) == (shape is None):
         raise ValueError("Give exactly one of --model and --shape.")
@@ -707,7 +621,7 @@ def measure(
     else:
         from mlx_lm.utils import load_config
 
-        from .utils import load, resolve_model_path
+        from ..utils import load, resolve_model_path
 
         path = resolve_model_path(model)
         net, tokenizer = load(str(path))
@@ -721,7 +635,13 @@ def measure(
             net.set_dtype(DTYPES[dtype])
         name = str(model)
     return run_bench(
-        net, tokenizer, opts, name=name, quantization=quantization, log=log
+        net,
+        tokenizer,
+        opts,
+        name=name,
+        quantization=quantization,
+        reference=reference,
+        log=log,
     )
 
 

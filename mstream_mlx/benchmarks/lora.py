@@ -4,14 +4,16 @@
 One model shape, one token budget per step (batch x length), one trainer (mlx-lm's
 compiled ``train``).  The baseline is mlx-lm's own Qwen3 with its default loss and
 batching on single-stream sequences of the same length; the others are our Qwen3 on
-rows (§7, 10 streams) and blocks (§5, system + user + assistant) data, with and
-without Long-CE.  Reports tokens/s (every token fed to the model) and peak memory.
+rows (paper §7, 10 streams) and blocks (paper §5, system + user + assistant) data,
+with and without Long-CE.  Reports tokens/s (every token fed to the model) and peak
+memory (docs/benchmarks.md).
 
-    python -m mstream_mlx.tuner.bench --hidden 512 --layers 8 --seq 480 --batch 2
+    python -m mstream_mlx.benchmarks.lora --hidden 512 --layers 8 --seq 480 --batch 2
 """
 
 import argparse
 import contextlib
+import os
 import platform
 import tempfile
 import time
@@ -28,9 +30,9 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from ..models import qwen3
 from ..streams import rows_spec
-from .batching import BatchIterator
-from .datasets import Example, StreamDataset, stream_weight_vector
-from .losses import LongCE, StreamLoss
+from ..tuner.batching import BatchIterator
+from ..tuner.datasets import Example, StreamDataset, stream_weight_vector
+from ..tuner.losses import LongCE, StreamLoss
 
 LORA = {"rank": 8, "scale": 20.0, "dropout": 0.0}
 
@@ -62,33 +64,6 @@ class _Timer(TrainingCallback):
         self.its.append(info["iterations_per_second"])
 
 
-class _SilentUI:
-    def __init__(self, *a, **k):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def advance(self):
-        pass
-
-    def report_train(self, *a):
-        pass
-
-    @contextlib.contextmanager
-    def val_task(self, total):
-        yield lambda: None
-
-    def report_val(self, *a):
-        pass
-
-    def report_save(self, *a):
-        pass
-
-
 def _lora(model):
     mx.random.seed(0)
     model.freeze()
@@ -107,12 +82,12 @@ def _train(model, data, loss, iterate, batch: int, seq: int, steps: int, warmup:
     """Seconds of each timed step, and the peak memory of this run in bytes (the
     model's weights plus what training allocated, whatever else is resident)."""
     timer = _Timer()
-    saved = lm_trainer.TrainUI
-    lm_trainer.TrainUI = _SilentUI
     mx.clear_cache()
     resident = mx.get_active_memory()
     mx.reset_peak_memory()
-    try:
+    # mlx-lm's train() draws its own progress UI on stdout (it has no hook to replace
+    # it); the numbers come from its training_callback hook, so the UI goes nowhere
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
         with tempfile.TemporaryDirectory() as tmp:
             args = lm_trainer.TrainingArgs(
                 batch_size=batch,
@@ -133,8 +108,6 @@ def _train(model, data, loss, iterate, batch: int, seq: int, steps: int, warmup:
                 training_callback=timer,
                 **kw,
             )
-    finally:
-        lm_trainer.TrainUI = saved
     peak = mx.get_peak_memory() - resident + _nbytes(model)
     return [1 / s for s in timer.its[warmup:]], peak
 
@@ -266,8 +239,6 @@ def machine_name() -> str:
                 break
     except OSError:
         pass
-    import os
-
     return (
         f"{cpu}, {os.cpu_count()} cores, MLX {mx.__version__} ({mx.default_device()})"
     )

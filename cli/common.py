@@ -1,0 +1,81 @@
+# Copyright © 2026 mstream-mlx contributors.
+"""What the commands share: option declarations (mlx-lm's flag names), the bundled
+default model, and the one way a user's mistake ends a command: a single
+``Error: ...`` line on stderr and exit status 1, never a traceback."""
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Sequence, Type
+
+import typer
+
+# ------------------------------------------------------------------- options
+# Each is a typer default: ``model: Optional[str] = MODEL`` (typer copies it per use).
+MODEL = typer.Option(
+    None, "--model", help="Model folder or Hub id (default: the bundled model)."
+)
+ADAPTER_PATH = typer.Option(
+    None, "--adapter-path", help="LoRA adapters from `mstream-mlx lora`."
+)
+SYSTEM_PROMPT = typer.Option(
+    None,
+    "--system-prompt",
+    help="Blocks: the system block; rows: read first on the user stream (reference).",
+)
+TEMP = typer.Option(0.0, "--temp", help="Sampling temperature (0 = greedy).")
+TOP_P = typer.Option(1.0, "--top-p", help="Nucleus sampling mass.")
+TOP_K = typer.Option(0, "--top-k", help="Keep the k best tokens (0 = off).")
+SEED = typer.Option(None, "--seed", help="Seed of the MLX random generator.")
+REVISION = typer.Option(None, "--revision", help="Hub revision.")
+
+
+# ------------------------------------------------------------- default model
+def default_model_path() -> Path:
+    """The bundled default model folder (``mstream_mlx/assets/default_model``).
+
+    Raises:
+        ValueError: when no default model is bundled.
+    """
+    import mstream_mlx
+
+    path = Path(mstream_mlx.__file__).parent / "assets" / "default_model"
+    if not path.exists():
+        raise ValueError(
+            f"No --model given and no bundled default model at {path}; pass --model "
+            "PATH_OR_HUB_ID."
+        )
+    return path
+
+
+# -------------------------------------------------------------------- errors
+# What a user can get wrong (a value, a path, a file, a full disk).
+USER_ERRORS = (ValueError, OSError)
+
+
+def one_line(e: BaseException) -> str:
+    """``e``'s message on one line (its whitespace collapsed), or its type's name."""
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def choice(flag: str, value: str, allowed: Sequence[str]) -> str:
+    """``value`` if it is one of ``allowed``, else one ``ValueError`` naming ``flag``."""
+    if value not in allowed:
+        raise ValueError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}.")
+    return value
+
+
+@contextmanager
+def user_errors(*more: Type[Exception]) -> Iterator[None]:
+    """Run a command's body; a ``ValueError``/``OSError`` (and any of ``more``) becomes
+    ``Error: <one line>`` on stderr and exit status 1.
+
+        with user_errors(ImportError):
+            convert(...)
+    """
+    try:
+        yield
+    except typer.Exit:  # click's Exit is a RuntimeError: a command's own exit passes
+        raise
+    except (*USER_ERRORS, *more) as e:
+        typer.echo(f"Error: {one_line(e)}", err=True)
+        raise typer.Exit(1)
