@@ -44,7 +44,8 @@ from mstream_mlx.streams import (
 )
 from mstream_mlx.utils import resolve_model_path, stream_facts
 
-from .folder import check_apart, check_destination, copy_side_files, output_folder
+from mstream_mlx.atomic import atomic_folder, check_destination
+from mstream_mlx.folders import check_apart, copy_side_files
 from .weights import read_weights
 
 DTYPES = ("float16", "bfloat16", "float32")
@@ -456,7 +457,7 @@ def convert(
 
     from mlx_lm.utils import save_config, save_model
 
-    with output_folder(dst, force) as tmp:
+    with atomic_folder(dst, force) as tmp:
         save_model(tmp, model, donate_model=True)
         save_config(cfg, tmp / "config.json")
         copy_side_files(src, tmp)

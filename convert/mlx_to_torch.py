@@ -29,7 +29,8 @@ from mlx.utils import tree_flatten
 from mstream_mlx.models import family_for
 from mstream_mlx.utils import load_model, resolve_model_path
 
-from .folder import check_apart, check_destination, copy_side_files, output_folder
+from mstream_mlx.atomic import atomic_folder, check_destination
+from mstream_mlx.folders import check_apart, copy_side_files
 from .hf_to_mlx import DTYPES, info
 
 MLX_ONLY_KEYS = ("quantization", "quantization_config")
@@ -126,7 +127,7 @@ def export(
     if "dtype" in out:
         out["dtype"] = dtype_name
     out.update(family.extra_facts(vars(args)))  # as the model ran (defaults included)
-    with output_folder(dst, force) as tmp:
+    with atomic_folder(dst, force) as tmp:
         save_torch_weights(tmp, weights)
         (tmp / "config.json").write_text(
             json.dumps(out, indent=2, sort_keys=True) + "\n"

@@ -12,7 +12,8 @@ import sys
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 from .schedules import BlocksOptions
-from .session import Session, StepEvent
+from .events import StepEvent
+from .session import Session
 from .streams import BLOCKS
 
 Prompt = Union[str, Sequence[int], Mapping[str, Union[str, Sequence[int]]], None]

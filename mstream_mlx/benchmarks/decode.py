@@ -40,6 +40,7 @@ from mlx.utils import tree_flatten
 from .. import BlocksOptions, Session
 from ..prefill import prefill
 from ..session import generation_stream
+from ..step import step
 from ..streams import Flat, blocks_spec, rows_to_flat
 
 QWEN3 = {
@@ -318,17 +319,14 @@ def run_model_loop(model, prompt: List[int], heads: int, rows: int) -> Run:
     set_heads(model, heads)
     P = len(prompt)
     cache = model.make_cache()
-    channels = mx.array([list(range(2, heads + 2))])
+    channels = list(range(2, heads + 2))
     flat = Flat(
         np.array(prompt, np.int32), np.zeros(P, np.int32), np.arange(P, dtype=np.int32)
     )
 
-    def step(tokens, y):
-        # from a host list: an mx.full here would be lazy, and the mask's host read
-        # of the positions would then wait for the previous step (no pipelining)
-        positions = mx.array([[y] * heads], dtype=mx.int32)
-        h = model.model(tokens[None], channels, positions, cache)
-        out = mx.argmax(model.lm_logits(h[0]), axis=-1)
+    def launch(tokens, y):
+        # positions from a host list (the mask is derived from them on the host)
+        out = mx.argmax(step(model, cache, tokens, channels, [y] * heads), axis=-1)
         mx.async_eval(out)
         return out
 
@@ -339,9 +337,9 @@ def run_model_loop(model, prompt: List[int], heads: int, rows: int) -> Run:
         cur = mx.broadcast_to(mx.argmax(first, axis=-1), (heads,))
         cur.tolist()
         times = [time.perf_counter()]
-        cur = step(cur, P)
+        cur = launch(cur, P)
         for t in range(rows):
-            nxt = step(cur, P + 1 + t) if t + 1 < rows else None
+            nxt = launch(cur, P + 1 + t) if t + 1 < rows else None
             cur.tolist()
             times.append(time.perf_counter())
             cur = nxt

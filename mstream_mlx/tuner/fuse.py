@@ -36,11 +36,8 @@ def fuse(
     Returns:
         The output folder, loadable with ``mstream_mlx.load``.
     """
-    from mstream_mlx.convert.folder import (
-        check_destination,
-        copy_side_files,
-        output_folder,
-    )
+    from ..atomic import atomic_folder, check_destination
+    from ..folders import copy_side_files
 
     check_destination(Path(save_path), force)  # fail before the slow part
     src = resolve_model_path(model_path)
@@ -63,7 +60,7 @@ def fuse(
         model = dequantize_model(model)
         config.pop("quantization", None)
         config.pop("quantization_config", None)
-    with output_folder(Path(save_path), force) as tmp:
+    with atomic_folder(Path(save_path), force) as tmp:
         save_model(tmp, model, donate_model=False)
         save_config(config, tmp / "config.json")
         copy_side_files(src, tmp)

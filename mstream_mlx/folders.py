@@ -1,14 +1,10 @@
 # Copyright © 2026 mstream-mlx contributors.
-"""What the converters (and ``fuse``) share about their output folder: the side files
+"""What every writer of a model folder (convert, export, fuse) shares: the side files
 to copy, and the rule that an output never holds its source.  The folder itself is
 written all at once by :func:`mstream_mlx.atomic.atomic_folder`."""
 
 import shutil
 from pathlib import Path
-
-# the folder writers' names (hf_to_mlx, mlx_to_torch and tuner/fuse import them here)
-from mstream_mlx.atomic import atomic_folder as output_folder  # noqa: F401
-from mstream_mlx.atomic import check_destination  # noqa: F401
 
 # Files next to the weights that belong to the tokenizer or to generation.
 SIDE_FILES = (
