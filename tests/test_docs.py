@@ -1,0 +1,330 @@
+# Copyright © 2026 mstream-mlx contributors.
+"""Every snippet in README.md and docs/*.md runs, so the docs cannot drift from the code.
+
+What each kind of fenced block gets:
+
+- ```` ```python ````: run in order, one namespace per page (a later snippet may use the
+  ``model`` an earlier one loaded), in a scratch folder where ``mstream_mlx/`` and
+  ``examples/`` resolve as in the repository root.  Some snippets get a check of what they
+  promise (``PROMISES`` below), e.g. that the README's interrupt really fires.
+- ```` ```bash ````: every ``mstream-mlx COMMAND ...`` must use only flags that
+  ``mstream-mlx COMMAND --help`` lists; the cheap ones on the bundled model (``generate``,
+  ``chat``, ``version`` without ``--model``) run.  ``python -m MODULE`` must name a module
+  that exists, ``python FILE`` / ``bash FILE`` a file that exists.
+- An untyped block that starts with ``$ mstream-mlx ...``: the command runs, and every
+  line shown must be a line of its output (text after ``<-`` is a comment).
+
+Markers, an HTML comment on the line before a block (visible in the Markdown source):
+
+- ``<!-- no-test: WHY -->``: the block is not run (it needs several Macs, CUDA, ...).
+- ``<!-- test-paths: NAME=FIXTURE ... -->``: the quoted string ``"NAME"`` in the snippet is
+  replaced by the path of FIXTURE: ``bundled`` (the demo model), ``adapters`` / ``fused``
+  (a 2-step ``lora`` run on the demo model and its ``fuse``), ``tiny-qwen3_5`` (a random
+  tiny Qwen3.5 checkpoint in the reference layout).
+
+Relative links must point at files that exist, and no page may point outside the
+repository (``../shared``).
+"""
+
+import importlib.util
+import os
+import re
+import shlex
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md"))
+BUNDLED = ROOT / "mstream_mlx" / "assets" / "default_model"
+FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
+MARKER = re.compile(r"<!--\s*(no-test|test-paths):?\s*(.*?)\s*-->\s*$")
+CHEAP = {"generate", "chat", "version"}  # run in-process on the bundled model
+
+
+class Snippet:
+    def __init__(self, page: Path, lang: str, code: str, line: int, marker):
+        self.page, self.lang, self.code, self.line = page, lang, code, line
+        self.skip = marker[1] if marker and marker[0] == "no-test" else None
+        self.paths = dict(p.split("=", 1) for p in marker[1].split()) if marker and marker[0] == "test-paths" else {}
+
+    @property
+    def where(self) -> str:
+        return f"{self.page.relative_to(ROOT)}:{self.line}"
+
+
+def snippets(page: Path) -> List[Snippet]:
+    text = page.read_text()
+    out = []
+    for m in FENCE.finditer(text):
+        line = text.count("\n", 0, m.start()) + 1
+        before = text[: m.start()].rstrip("\n").rsplit("\n", 1)[-1]
+        marker = MARKER.search(before)
+        out.append(Snippet(page, m.group(1), m.group(2), line, marker and marker.groups()))
+    return out
+
+
+ALL = [s for page in PAGES for s in snippets(page)]
+
+
+def page_id(page: Path) -> str:
+    return str(page.relative_to(ROOT))
+
+
+# ---------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def cli():
+    """``run(argv, input=None) -> (exit_code, output)``: the real command, in-process."""
+    from typer.testing import CliRunner
+
+    from mstream_mlx.cli.main import app
+
+    def run(argv: List[str], input: Optional[str] = None) -> Tuple[int, str]:
+        result = CliRunner().invoke(app, argv, input=input, env={"COLUMNS": "250"})
+        return result.exit_code, result.output
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def fixtures(tmp_path_factory, cli) -> Dict[str, Path]:
+    """Built on first use: ``get(name) -> path``."""
+    made: Dict[str, Path] = {"bundled": BUNDLED}
+    base = tmp_path_factory.mktemp("doc-fixtures")
+
+    def get(name: str) -> Path:
+        if name in made:
+            return made[name]
+        if name in ("adapters", "fused"):
+            made["adapters"], made["fused"] = base / "adapters", base / "fused"
+            code, out = cli(["lora", "--model", str(BUNDLED), "--data", str(ROOT / "examples/data/demo"),
+                             "--train", "--iters", "2", "--batch-size", "2", "--num-layers", "-1",
+                             "--val-batches", "1", "--adapter-path", str(made["adapters"])])
+            assert code == 0, out
+            code, out = cli(["fuse", "--model", str(BUNDLED), "--adapter-path", str(made["adapters"]),
+                             "--save-path", str(made["fused"])])
+            assert code == 0, out
+        elif name == "tiny-qwen3_5":
+            pytest.importorskip("torch")
+            from tests.reference.checkpoint import write_reference_checkpoint
+            from tests.reference.torch_qwen3_5 import random_qwen3_5_state_dict
+            from tests.test_qwen3_5 import tiny_config
+            from tests.tiny import make_tokenizer
+
+            cfg = tiny_config(num_channels=3)
+            made[name] = base / "qwen3_5"
+            write_reference_checkpoint(made[name], cfg, random_qwen3_5_state_dict(cfg, 0),
+                                       architectures=["StreamQwen3_5ForCausalLM"])
+            make_tokenizer(made[name])
+        else:
+            raise KeyError(f"unknown test-paths fixture {name!r}")
+        return made[name]
+
+    return get
+
+
+# --------------------------------------------------------------------- python snippets
+
+
+def _interrupt_fired(ns):
+    texts = ns["session"].texts
+    assert "add three" in texts["User"], texts  # the interrupt was read ...
+    assert texts["Output"].split() == ["5", "3", "12", "15"], texts  # ... and answered
+
+
+PROMISES = {  # (page, a line of the snippet): what the snippet promises, checked
+    ("README.md", 'session.feed("User", "add three")'): _interrupt_fired,
+    ("docs/generation.md", 'session.feed("User", "add three")'): _interrupt_fired,
+    ("docs/generation.md", "interrupts={5:"): lambda ns: (
+        ns["texts"] == {"Output": "5 3", "Thinking": "+5 -2"}, ns["texts"]),
+    ("docs/generation.md", "event = events.get("): lambda ns: (
+        ns["event"].text["Output"].strip() == "5", ns["event"].text),
+    ("docs/generation.md", "load_prompt_cache("): lambda ns: (
+        ns["cache"][0].offset == 12 and ns["last"].shape[0] == 2, ns["cache"][0].offset),
+    ("docs/qwen3_5.md", "predicts row 1"): lambda ns: (
+        ns["logits"].shape[:2] == (1, ns["C"]), ns["logits"].shape),
+    ("docs/fine-tuning.md", 'load("fused_model")'): lambda ns: (
+        ns["model"].streams.names == ("User", "Output", "Thinking"), ns["model"].streams),
+}
+
+
+def _check_promise(ns, check):
+    result = check(ns)
+    if isinstance(result, tuple):
+        assert result[0], f"the snippet's promise does not hold: {result[1]!r}"
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if any(s.lang == "python" for s in snippets(p))], ids=page_id)
+def test_python_snippets_run(page, fixtures, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # files a snippet writes land here
+    for name in ("mstream_mlx", "examples"):
+        (tmp_path / name).symlink_to(ROOT / name)
+    ns: dict = {"__name__": "__docs__"}
+    rel = page_id(page)
+    for s in snippets(page):
+        if s.lang != "python" or s.skip:
+            continue
+        code = s.code
+        for name, fixture in s.paths.items():
+            assert f'"{name}"' in code, f"{s.where}: test-paths names {name!r}, which the snippet does not use"
+            code = code.replace(f'"{name}"', repr(str(fixtures(fixture))))
+        try:
+            exec(compile(code, s.where, "exec"), ns)
+        except Exception as e:
+            raise AssertionError(f"{s.where}: the snippet fails: {type(e).__name__}: {e}") from e
+        for (p, line), check in PROMISES.items():
+            if p == rel and line in s.code:
+                _check_promise(ns, check)
+
+
+def test_every_promise_names_a_snippet():
+    for page, line in PROMISES:
+        assert any(page_id(s.page) == page and line in s.code for s in ALL), (page, line)
+
+
+# ----------------------------------------------------------------------- shell snippets
+
+
+def _lines(code: str) -> List[str]:
+    """The logical lines of a bash block (continuations joined, comment lines dropped)."""
+    lines = code.replace("\\\n", " ").splitlines()
+    return [line for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _commands(code: str) -> List[List[str]]:
+    """The simple commands of a bash block: each line split at pipes, `&&`, `;`."""
+    commands = []
+    for line in _lines(code):
+        lex = shlex.shlex(line, posix=True, punctuation_chars=True)
+        lex.whitespace_split, lex.commenters = True, "#"
+        current: List[str] = []
+        for tok in lex:
+            if set(tok) <= set("|&;"):
+                commands.append(current)
+                current = []
+            else:
+                current.append(tok)
+        commands.append(current)
+    return [c for c in commands if c]
+
+
+def _mstream_args(command: List[str]) -> Optional[List[str]]:
+    for i, tok in enumerate(command):
+        if os.path.basename(tok) == "mstream-mlx":
+            return command[i + 1 :]
+    return None
+
+
+_FLAG = re.compile(r"(?<![\w-])(--?[A-Za-z][\w-]*)(?![\w-])")
+
+
+@pytest.fixture(scope="module")
+def help_flags(cli):
+    cache: Dict[str, set] = {}
+
+    def get(sub: str) -> set:
+        if sub not in cache:
+            code, out = cli([sub, "--help"])
+            assert code == 0, f"mstream-mlx {sub} --help failed:\n{out}"
+            cache[sub] = set(_FLAG.findall(out))
+        return cache[sub]
+
+    return get
+
+
+SHELL = [s for s in ALL if s.lang in ("bash", "sh", "shell")]
+
+
+@pytest.mark.parametrize("snippet", SHELL, ids=lambda s: s.where)
+def test_shell_snippets_use_real_flags_and_files(snippet, help_flags):
+    for command in _commands(snippet.code):
+        args = _mstream_args(command)
+        if args is not None:
+            if not args or args[0].startswith("-"):
+                continue  # `mstream-mlx --help`
+            sub, rest = args[0], args[1:]
+            known = help_flags(sub)
+            for tok in rest:
+                if re.fullmatch(r"--?[A-Za-z][\w-]*(=.*)?", tok):
+                    flag = tok.split("=", 1)[0]
+                    assert flag in known, f"{snippet.where}: `mstream-mlx {sub}` has no {flag} (--help lists {sorted(known)})"
+        elif command[0] in ("python", "python3") and len(command) > 1:
+            if command[1] == "-m":
+                assert importlib.util.find_spec(command[2]) is not None, f"{snippet.where}: no module {command[2]}"
+            elif not command[1].startswith("-"):
+                assert (ROOT / command[1]).is_file(), f"{snippet.where}: no file {command[1]}"
+        elif command[0] == "bash" and len(command) > 1:
+            assert (ROOT / command[1]).is_file(), f"{snippet.where}: no file {command[1]}"
+
+
+def _printf_input(command: List[str]) -> str:
+    return command[1].encode().decode("unicode_escape") if len(command) > 1 else ""
+
+
+@pytest.mark.parametrize("snippet", [s for s in SHELL if not s.skip], ids=lambda s: s.where)
+def test_cheap_shell_commands_run_on_the_bundled_model(snippet, cli):
+    for line in _lines(snippet.code):
+        commands = _commands(line)
+        for i, command in enumerate(commands):
+            args = _mstream_args(command)
+            if not args or args[0] not in CHEAP or "--model" in args:
+                continue
+            feed = _printf_input(commands[i - 1]) if i and commands[i - 1][0] == "printf" else ""
+            code, out = cli(args, input=feed)
+            assert code == 0, f"{snippet.where}: `mstream-mlx {' '.join(args)}` failed:\n{out[-2000:]}"
+
+
+SHOWN = [s for s in ALL if s.lang == "" and s.code.startswith("$ mstream-mlx ")]
+
+
+@pytest.mark.parametrize("snippet", SHOWN, ids=lambda s: s.where)
+def test_shown_output_is_what_the_command_prints(snippet, cli):
+    first, *shown = snippet.code.splitlines()
+    code, out = cli(shlex.split(first)[2:])
+    assert code == 0, out
+    printed = {line.rstrip() for line in out.splitlines()}
+    for line in shown:
+        line = line.split("<-")[0].rstrip()
+        if line:
+            assert line in printed, f"{snippet.where}: {line!r} is not in the output of `{first[2:]}`:\n{out}"
+
+
+# ------------------------------------------------------------------------------- links
+
+
+def _anchors(page: Path) -> set:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    heads = re.findall(r"^#+ (.*)$", FENCE.sub("", page.read_text()), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in heads}
+
+
+@pytest.mark.parametrize("page", PAGES, ids=page_id)
+def test_links_stay_inside_the_repository(page):
+    text = page.read_text()
+    assert "../shared" not in text and "shared/reference" not in text, page
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+:", target):
+            continue
+        if target.startswith("#"):
+            assert target[1:] in _anchors(page), f"{page_id(page)}: no heading {target}"
+            continue
+        file, _, anchor = target.partition("#")
+        path = (page.parent / file).resolve()
+        assert path.exists(), f"{page_id(page)}: broken link {target}"
+        assert ROOT in path.parents or path == ROOT, f"{page_id(page)}: {target} is outside the repository"
+        if anchor and path.suffix == ".md":
+            assert anchor in _anchors(path), f"{page_id(page)}: no heading #{anchor} in {file}"
+
+
+def test_readme_is_a_front_door():
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 300
+    lines = text.splitlines()
+    i = lines.index("# run the tests")  # .ci/run runs the line after it
+    assert lines[i + 1].startswith("pip install") and "pytest" in lines[i + 1]
+    for page in PAGES[1:]:
+        assert f"docs/{page.name}" in text or page.name == "chat_screenshot.py", f"README does not link {page.name}"
+    assert "docs/chat.png" in text
