@@ -30,6 +30,7 @@ import importlib.util
 import os
 import re
 import shlex
+import textwrap
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -38,7 +39,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md"))
 BUNDLED = ROOT / "mstream_mlx" / "assets" / "default_model"
-FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
+FENCE = re.compile(r"^( *)```(\w*)\n(.*?)^\1```", re.S | re.M)
 MARKER = re.compile(r"<!--\s*(no-test|test-paths):?\s*(.*?)\s*-->\s*$")
 CHEAP = {"generate", "chat", "version"}  # run in-process on the bundled model
 
@@ -61,7 +62,8 @@ def snippets(page: Path) -> List[Snippet]:
         line = text.count("\n", 0, m.start()) + 1
         before = text[: m.start()].rstrip("\n").rsplit("\n", 1)[-1]
         marker = MARKER.search(before)
-        out.append(Snippet(page, m.group(1), m.group(2), line, marker and marker.groups()))
+        code = textwrap.dedent(m.group(3)) if m.group(1) else m.group(3)  # a fence in a list
+        out.append(Snippet(page, m.group(2), code, line, marker and marker.groups()))
     return out
 
 
@@ -157,7 +159,7 @@ def _check_promise(ns, check):
         assert result[0], f"the snippet's promise does not hold: {result[1]!r}"
 
 
-@pytest.mark.parametrize("page", [p for p in PAGES if any(s.lang == "python" for s in snippets(p))], ids=page_id)
+@pytest.mark.parametrize("page", sorted({s.page for s in ALL if s.lang == "python" and not s.skip}), ids=page_id)
 def test_python_snippets_run(page, fixtures, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # files a snippet writes land here
     for name in ("mstream_mlx", "examples"):
@@ -264,13 +266,18 @@ def _printf_input(command: List[str]) -> str:
     return command[1].encode().decode("unicode_escape") if len(command) > 1 else ""
 
 
-@pytest.mark.parametrize("snippet", [s for s in SHELL if not s.skip], ids=lambda s: s.where)
+def _is_cheap(args: Optional[List[str]]) -> bool:
+    return bool(args) and args[0] in CHEAP and "--model" not in args
+
+
+@pytest.mark.parametrize("snippet", [s for s in SHELL if not s.skip and any(
+    _is_cheap(_mstream_args(c)) for c in _commands(s.code))], ids=lambda s: s.where)
 def test_cheap_shell_commands_run_on_the_bundled_model(snippet, cli):
     for line in _lines(snippet.code):
         commands = _commands(line)
         for i, command in enumerate(commands):
             args = _mstream_args(command)
-            if not args or args[0] not in CHEAP or "--model" in args:
+            if not _is_cheap(args):
                 continue
             feed = _printf_input(commands[i - 1]) if i and commands[i - 1][0] == "printf" else ""
             code, out = cli(args, input=feed)
