@@ -11,6 +11,8 @@ What each kind of fenced block gets:
   ``mstream-mlx COMMAND --help`` lists; the cheap ones on the bundled model (``generate``,
   ``chat``, ``version`` without ``--model``) run.  ``python -m MODULE`` must name a module
   that exists, ``python FILE`` / ``bash FILE`` a file that exists.
+- ```` ```json ````: parses (one document, or one per line); with a ``test-data`` marker
+  every object is a training line that ``lora``'s data loader accepts for that model.
 - An untyped block that starts with ``$ mstream-mlx ...``: the command runs, and every
   line shown must be a line of its output (text after ``<-`` is a comment).
 
@@ -21,12 +23,15 @@ Markers, an HTML comment on the line before a block (visible in the Markdown sou
   replaced by the path of FIXTURE: ``bundled`` (the demo model), ``adapters`` / ``fused``
   (a 2-step ``lora`` run on the demo model and its ``fuse``), ``tiny-qwen3_5`` (a random
   tiny Qwen3.5 checkpoint in the reference layout).
+- ``<!-- test-data: FIXTURE -->`` before a JSON block: FIXTURE is ``tiny-rows`` (a random
+  10-stream rows model) or ``tiny-blocks4`` (system, user, assistant, auditor).
 
 Relative links must point at files that exist, and no page may point outside the
 repository (``../shared``).
 """
 
 import importlib.util
+import json
 import os
 import re
 import shlex
@@ -40,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md"))
 BUNDLED = ROOT / "mstream_mlx" / "assets" / "default_model"
 FENCE = re.compile(r"^( *)```(\w*)\n(.*?)^\1```", re.S | re.M)
-MARKER = re.compile(r"<!--\s*(no-test|test-paths):?\s*(.*?)\s*-->\s*$")
+MARKER = re.compile(r"<!--\s*(no-test|test-paths|test-data):?\s*(.*?)\s*-->\s*$")
 CHEAP = {"generate", "chat", "version"}  # run in-process on the bundled model
 
 
@@ -49,6 +54,7 @@ class Snippet:
         self.page, self.lang, self.code, self.line = page, lang, code, line
         self.skip = marker[1] if marker and marker[0] == "no-test" else None
         self.paths = dict(p.split("=", 1) for p in marker[1].split()) if marker and marker[0] == "test-paths" else {}
+        self.data_model = marker[1] if marker and marker[0] == "test-data" else None
 
     @property
     def where(self) -> str:
@@ -109,6 +115,11 @@ def fixtures(tmp_path_factory, cli) -> Dict[str, Path]:
             code, out = cli(["fuse", "--model", str(BUNDLED), "--adapter-path", str(made["adapters"]),
                              "--save-path", str(made["fused"])])
             assert code == 0, out
+        elif name in ("tiny-rows", "tiny-blocks4"):
+            from tests.tiny import make_checkpoint
+
+            layout, n = ("rows", 10) if name == "tiny-rows" else ("blocks", 4)
+            made[name] = make_checkpoint(base / name, "qwen3", layout, num_channels=n)
         elif name == "tiny-qwen3_5":
             pytest.importorskip("torch")
             from tests.reference.checkpoint import write_reference_checkpoint
@@ -185,6 +196,37 @@ def test_python_snippets_run(page, fixtures, tmp_path, monkeypatch):
 def test_every_promise_names_a_snippet():
     for page, line in PROMISES:
         assert any(page_id(s.page) == page and line in s.code for s in ALL), (page, line)
+
+
+# ------------------------------------------------------------------------ JSON snippets
+
+
+def _json_objects(code: str) -> list:
+    try:
+        return [json.loads(code)]
+    except json.JSONDecodeError:
+        return [json.loads(line) for line in code.splitlines() if line.strip()]
+
+
+JSON = [s for s in ALL if s.lang == "json" and not s.skip]
+
+
+@pytest.mark.parametrize("snippet", JSON, ids=lambda s: s.where)
+def test_json_snippets_parse_and_training_lines_load(snippet, fixtures, tmp_path):
+    try:
+        objects = _json_objects(snippet.code)
+    except json.JSONDecodeError as e:
+        raise AssertionError(f"{snippet.where}: not JSON: {e}") from None
+    if snippet.data_model is None:
+        return
+    import mstream_mlx
+    from mstream_mlx.tuner.datasets import load_datasets
+
+    model, tokenizer = mstream_mlx.load(str(fixtures(snippet.data_model)))
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(o) + "\n" for o in objects))
+    data = load_datasets(str(tmp_path), tokenizer, model.streams, model.args.vocab_size,
+                         splits=("train",), log=lambda *a: None)
+    assert len(data["train"]) == len(objects), snippet.where
 
 
 # ----------------------------------------------------------------------- shell snippets
