@@ -159,6 +159,9 @@ PROMISES = {  # (page, a line of the snippet): what the snippet promises, checke
         ns["cache"][0].offset == 12 and ns["last"].shape[0] == 2, ns["cache"][0].offset),
     ("docs/qwen3_5.md", "predicts row 1"): lambda ns: (
         ns["logits"].shape[:2] == (1, ns["C"]), ns["logits"].shape),
+    ("docs/convert.md", 'export("stream-8b-8bit"'): lambda ns: (
+        ns["model"].streams.layout == "rows" and Path("stream-8b-torch/config.json").is_file(),
+        ns["model"].streams),
     ("docs/fine-tuning.md", 'load("fused_model")'): lambda ns: (
         ns["model"].streams.names == ("User", "Output", "Thinking"), ns["model"].streams),
 }
