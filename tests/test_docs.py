@@ -20,14 +20,17 @@ Markers, an HTML comment on the line before a block (visible in the Markdown sou
 
 - ``<!-- no-test: WHY -->``: the block is not run (it needs several Macs, CUDA, ...).
 - ``<!-- test-paths: NAME=FIXTURE ... -->``: the quoted string ``"NAME"`` in the snippet is
-  replaced by the path of FIXTURE: ``bundled`` (the demo model), ``adapters`` / ``fused``
-  (a 2-step ``lora`` run on the demo model and its ``fuse``), ``tiny-qwen3_5`` (a random
-  tiny Qwen3.5 checkpoint in the reference layout).
-- ``<!-- test-data: FIXTURE -->`` before a JSON block: FIXTURE is ``tiny-rows`` (a random
-  10-stream rows model) or ``tiny-blocks4`` (system, user, assistant, auditor).
+  replaced by the path of FIXTURE.
+- ``<!-- test-data: FIXTURE -->`` before a JSON block: its lines are training data for FIXTURE.
 
-Relative links must point at files that exist, and no page may point outside the
-repository (``../shared``).
+The fixtures: ``bundled`` (the demo model), ``adapters`` / ``fused`` (a 2-step ``lora`` run
+on the demo model and its ``fuse``), and random tiny checkpoints in the reference layout:
+``tiny-rows`` (10 streams), ``tiny-blocks4`` (system, user, assistant, auditor),
+``tiny-qwen3_5`` (a Qwen3.5 hybrid, 3 streams).
+
+A flag named in the prose (inline code such as ``--temp``) must be a flag of some
+``mstream-mlx`` command. Relative links (and their ``#anchors``) must point at files and
+headings that exist, and no page may point outside the repository (``../shared``).
 """
 
 import importlib.util
@@ -47,6 +50,7 @@ BUNDLED = ROOT / "mstream_mlx" / "assets" / "default_model"
 FENCE = re.compile(r"^( *)```(\w*)\n(.*?)^\1```", re.S | re.M)
 MARKER = re.compile(r"<!--\s*(no-test|test-paths|test-data):?\s*(.*?)\s*-->\s*$")
 CHEAP = {"generate", "chat", "version"}  # run in-process on the bundled model
+COMMANDS = ("generate", "chat", "convert", "export", "lora", "fuse", "bench")
 
 
 class Snippet:
@@ -305,6 +309,23 @@ def test_shell_snippets_use_real_flags_and_files(snippet, help_flags):
                 assert (ROOT / command[1]).is_file(), f"{snippet.where}: no file {command[1]}"
         elif command[0] == "bash" and len(command) > 1:
             assert (ROOT / command[1]).is_file(), f"{snippet.where}: no file {command[1]}"
+
+
+NOT_OURS = {  # inline flags in the prose that belong to other tools (or say what is missing)
+    "docs/distributed.md": {"--starting-port", "--python", "--verbose", "--backend", "--shard"},
+}
+
+
+@pytest.mark.parametrize("page", PAGES, ids=page_id)
+def test_flags_named_in_the_prose_exist(page, help_flags):
+    known = set().union(*(help_flags(sub) for sub in COMMANDS))
+    prose = FENCE.sub("", page.read_text())
+    for span in re.findall(r"`([^`\n]+)`", prose):
+        if span.startswith(("python ", "mlx.", "pip ")):
+            continue
+        for flag in re.findall(r"(?<![\w-])(--[a-z][\w-]*)", span):
+            assert flag in known or flag in NOT_OURS.get(page_id(page), ()), (
+                f"{page_id(page)}: `{span}` names {flag}, which no mstream-mlx command has")
 
 
 def _printf_input(command: List[str]) -> str:
