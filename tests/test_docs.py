@@ -54,11 +54,14 @@ COMMANDS = ("generate", "chat", "convert", "export", "lora", "fuse", "bench")
 
 
 class Snippet:
-    def __init__(self, page: Path, lang: str, code: str, line: int, marker):
+    """A fenced block: its page, language, code, first line and marker (if any)."""
+
+    def __init__(self, page: Path, lang: str, code: str, line: int, marker: Tuple[str, str]):
         self.page, self.lang, self.code, self.line = page, lang, code, line
-        self.skip = marker[1] if marker and marker[0] == "no-test" else None
-        self.paths = dict(p.split("=", 1) for p in marker[1].split()) if marker and marker[0] == "test-paths" else {}
-        self.data_model = marker[1] if marker and marker[0] == "test-data" else None
+        kind, value = marker
+        self.skip = value if kind == "no-test" else None
+        self.paths = dict(p.split("=", 1) for p in value.split()) if kind == "test-paths" else {}
+        self.data_model = value if kind == "test-data" else None
 
     @property
     def where(self) -> str:
@@ -73,7 +76,7 @@ def snippets(page: Path) -> List[Snippet]:
         before = text[: m.start()].rstrip("\n").rsplit("\n", 1)[-1]
         marker = MARKER.search(before)
         code = textwrap.dedent(m.group(3)) if m.group(1) else m.group(3)  # a fence in a list
-        out.append(Snippet(page, m.group(2), code, line, marker and marker.groups()))
+        out.append(Snippet(page, m.group(2), code, line, marker.groups() if marker else ("", "")))
     return out
 
 
@@ -112,12 +115,13 @@ def fixtures(tmp_path_factory, cli) -> Dict[str, Path]:
             return made[name]
         if name in ("adapters", "fused"):
             made["adapters"], made["fused"] = base / "adapters", base / "fused"
-            code, out = cli(["lora", "--model", str(BUNDLED), "--data", str(ROOT / "examples/data/demo"),
-                             "--train", "--iters", "2", "--batch-size", "2", "--num-layers", "-1",
+            data = ROOT / "examples" / "data" / "demo"
+            code, out = cli(["lora", "--model", str(BUNDLED), "--data", str(data), "--train",
+                             "--iters", "2", "--batch-size", "2", "--num-layers", "-1",
                              "--val-batches", "1", "--adapter-path", str(made["adapters"])])
             assert code == 0, out
-            code, out = cli(["fuse", "--model", str(BUNDLED), "--adapter-path", str(made["adapters"]),
-                             "--save-path", str(made["fused"])])
+            code, out = cli(["fuse", "--model", str(BUNDLED), "--adapter-path",
+                             str(made["adapters"]), "--save-path", str(made["fused"])])
             assert code == 0, out
         elif name in ("tiny-rows", "tiny-blocks4"):
             from tests.tiny import make_checkpoint
@@ -177,7 +181,10 @@ def _check_promise(ns, check):
         assert result[0], f"the snippet's promise does not hold: {result[1]!r}"
 
 
-@pytest.mark.parametrize("page", sorted({s.page for s in ALL if s.lang == "python" and not s.skip}), ids=page_id)
+PYTHON_PAGES = sorted({s.page for s in ALL if s.lang == "python" and not s.skip})
+
+
+@pytest.mark.parametrize("page", PYTHON_PAGES, ids=page_id)
 def test_python_snippets_run(page, fixtures, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # files a snippet writes land here
     for name in ("mstream_mlx", "examples"):
@@ -189,7 +196,7 @@ def test_python_snippets_run(page, fixtures, tmp_path, monkeypatch):
             continue
         code = s.code
         for name, fixture in s.paths.items():
-            assert f'"{name}"' in code, f"{s.where}: test-paths names {name!r}, which the snippet does not use"
+            assert f'"{name}"' in code, f"{s.where}: test-paths names {name!r}, which is unused"
             code = code.replace(f'"{name}"', repr(str(fixtures(fixture))))
         try:
             exec(compile(code, s.where, "exec"), ns)
@@ -301,10 +308,13 @@ def test_shell_snippets_use_real_flags_and_files(snippet, help_flags):
             for tok in rest:
                 if re.fullmatch(r"--?[A-Za-z][\w-]*(=.*)?", tok):
                     flag = tok.split("=", 1)[0]
-                    assert flag in known, f"{snippet.where}: `mstream-mlx {sub}` has no {flag} (--help lists {sorted(known)})"
+                    assert flag in known, (
+                        f"{snippet.where}: `mstream-mlx {sub}` has no {flag} "
+                        f"(--help lists {sorted(known)})")
         elif command[0] in ("python", "python3") and len(command) > 1:
             if command[1] == "-m":
-                assert importlib.util.find_spec(command[2]) is not None, f"{snippet.where}: no module {command[2]}"
+                found = importlib.util.find_spec(command[2])
+                assert found is not None, f"{snippet.where}: no module {command[2]}"
             elif not command[1].startswith("-"):
                 assert (ROOT / command[1]).is_file(), f"{snippet.where}: no file {command[1]}"
         elif command[0] == "bash" and len(command) > 1:
@@ -347,7 +357,8 @@ def test_cheap_shell_commands_run_on_the_bundled_model(snippet, cli):
                 continue
             feed = _printf_input(commands[i - 1]) if i and commands[i - 1][0] == "printf" else ""
             code, out = cli(args, input=feed)
-            assert code == 0, f"{snippet.where}: `mstream-mlx {' '.join(args)}` failed:\n{out[-2000:]}"
+            assert code == 0, (
+                f"{snippet.where}: `mstream-mlx {' '.join(args)}` failed:\n{out[-2000:]}")
 
 
 SHOWN = [s for s in ALL if s.lang == "" and s.code.startswith("$ mstream-mlx ")]
@@ -362,7 +373,8 @@ def test_shown_output_is_what_the_command_prints(snippet, cli):
     for line in shown:
         line = line.split("<-")[0].rstrip()
         if line:
-            assert line in printed, f"{snippet.where}: {line!r} is not in the output of `{first[2:]}`:\n{out}"
+            assert line in printed, (
+                f"{snippet.where}: {line!r} is not in the output of `{first[2:]}`:\n{out}")
 
 
 # ------------------------------------------------------------------------------- links
@@ -387,7 +399,7 @@ def test_links_stay_inside_the_repository(page):
         file, _, anchor = target.partition("#")
         path = (page.parent / file).resolve()
         assert path.exists(), f"{page_id(page)}: broken link {target}"
-        assert ROOT in path.parents or path == ROOT, f"{page_id(page)}: {target} is outside the repository"
+        assert ROOT in path.parents or path == ROOT, f"{page_id(page)}: {target} is outside"
         if anchor and path.suffix == ".md":
             assert anchor in _anchors(path), f"{page_id(page)}: no heading #{anchor} in {file}"
 
@@ -399,5 +411,5 @@ def test_readme_is_a_front_door():
     i = lines.index("# run the tests")  # .ci/run runs the line after it
     assert lines[i + 1].startswith("pip install") and "pytest" in lines[i + 1]
     for page in PAGES[1:]:
-        assert f"docs/{page.name}" in text or page.name == "chat_screenshot.py", f"README does not link {page.name}"
+        assert f"docs/{page.name}" in text, f"README does not link {page.name}"
     assert "docs/chat.png" in text
