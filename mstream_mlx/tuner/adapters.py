@@ -18,6 +18,7 @@ the weights of one step with the optimizer state of another.
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -124,7 +125,23 @@ def check_lora_parameters(params: dict) -> dict:
     out = {"rank": 8, "dropout": 0.0, **params}
     if out.get("keys") is None:
         out.pop("keys", None)
+    rank, scale, dropout = out["rank"], out["scale"], out["dropout"]
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"LoRA rank must be an integer >= 1, got {rank!r}.")
+    if not _number(scale):
+        raise ValueError(f"LoRA scale must be a finite number, got {scale!r}.")
+    if not (_number(dropout) and 0 <= dropout < 1):
+        raise ValueError(f"LoRA dropout must be a number in [0, 1), got {dropout!r}.")
+    keys = out.get("keys")
+    if keys is not None and not (
+        isinstance(keys, list) and all(isinstance(k, str) for k in keys)
+    ):
+        raise ValueError(f"LoRA keys must be a list of module names, got {keys!r}.")
     return out
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def trainable_weights(model: nn.Module) -> Dict[str, mx.array]:
@@ -168,17 +185,23 @@ def save_checkpoint(
     folder = Path(adapter_path)
     weights = trainable_weights(model)
     meta = {"step": str(step)}
+    copy = folder / f"{step:07d}_{ADAPTER_FILE}"
     with atomic_file(folder / ADAPTER_FILE) as tmp:
         mx.save_safetensors(str(tmp), weights, metadata=meta)
-        if numbered:
-            with atomic_file(folder / f"{step:07d}_{ADAPTER_FILE}") as copy:
-                copy.write_bytes(tmp.read_bytes())
-        if optimizer is not None:
-            state = {f"optimizer.{k}": v for k, v in tree_flatten(optimizer.state)}
-            meta = {**meta, "adapters_sha256": file_digest(tmp)}
-            if optimizer_name:
-                meta["optimizer"] = optimizer_name
-            save_safetensors(folder / STATE_FILE, state, metadata=meta)
+        try:
+            if numbered:
+                with atomic_file(copy) as dst:
+                    dst.write_bytes(tmp.read_bytes())
+            if optimizer is not None:
+                state = {f"optimizer.{k}": v for k, v in tree_flatten(optimizer.state)}
+                meta = {**meta, "adapters_sha256": file_digest(tmp)}
+                if optimizer_name:
+                    meta["optimizer"] = optimizer_name
+                save_safetensors(folder / STATE_FILE, state, metadata=meta)
+        except BaseException:
+            if numbered:  # a failed save leaves no part of itself
+                copy.unlink(missing_ok=True)
+            raise
 
 
 def _read_safetensors(path, what: str):

@@ -12,6 +12,7 @@ from pathlib import Path
 from mlx.utils import tree_unflatten
 from mlx_lm.utils import dequantize_model, load_config, save_config, save_model
 
+from ..atomic import WriteError, is_write_failure
 from ..utils import load, resolve_model_path
 
 
@@ -37,11 +38,17 @@ def fuse(
         The output folder, loadable with ``mstream_mlx.load``.
     """
     from mstream_mlx.convert.folder import (
+        check_apart,
         check_destination,
         copy_side_files,
         output_folder,
     )
 
+    # --force replaces save_path once the new folder is complete, so it must never
+    # be (or hold, or sit inside) a folder it reads from
+    for source in (Path(model_path).expanduser(), Path(adapter_path)):
+        if source.exists():
+            check_apart(Path(save_path), source, "--save-path")
     check_destination(Path(save_path), force)  # fail before the slow part
     src = resolve_model_path(model_path)
     log(f"Loading {src} with the adapters of {adapter_path}")
@@ -63,10 +70,17 @@ def fuse(
         model = dequantize_model(model)
         config.pop("quantization", None)
         config.pop("quantization_config", None)
-    with output_folder(Path(save_path), force) as tmp:
-        save_model(tmp, model, donate_model=False)
-        save_config(config, tmp / "config.json")
-        copy_side_files(src, tmp)
+    try:
+        with output_folder(Path(save_path), force) as tmp:
+            save_model(tmp, model, donate_model=False)
+            save_config(config, tmp / "config.json")
+            copy_side_files(src, tmp)
+    except RuntimeError as e:  # MLX reports a full disk as RuntimeError
+        if not is_write_failure(e):
+            raise
+        raise WriteError(
+            None, f"Writing {save_path} failed ({e}); nothing was written."
+        ) from e
     what = f"Fused {len(fused)} adapter layers" if fused else "Applied the fully fine-tuned weights"
     log(f"{what}; saved to {save_path}")
     return Path(save_path)

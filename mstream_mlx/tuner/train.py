@@ -543,7 +543,8 @@ class _StopOnNonFinite(TrainingCallback):
         loss = info["train_loss"]
         if not math.isfinite(loss):
             raise TrainingDiverged(
-                f"The training loss became {loss} by step {info['iteration'] + self.start}"
+                f"The training loss became {loss} (non-finite) by step "
+                f"{info['iteration'] + self.start}"
                 f"; stopped, {self.describe_saved()}. Try a lower --learning-rate."
             )
 
@@ -673,10 +674,10 @@ def train_model(
     start, opt_state = 0, None
     if args.resume_adapter_file:
         log(f"Loading fine-tuned weights from {args.resume_adapter_file}")
-        saved = load_training_state(args.resume_adapter_file, optimizer_name)
         load_adapter_weights(
             model, args.resume_adapter_file, args.fine_tune_type == "full"
         )
+        saved = load_training_state(args.resume_adapter_file, optimizer_name)
         if saved is None:
             log(
                 "[WARNING] No training_state.safetensors next to it: the optimizer and "
@@ -711,7 +712,6 @@ def train_model(
                 f"The weights became non-finite by step {step}; stopped, "
                 f"{describe_saved()}. Try a lower --learning-rate."
             )
-        write_json(folder / CONFIG_FILE, adapter_config(args, model))
         save_checkpoint(
             folder,
             model,
@@ -720,6 +720,7 @@ def train_model(
             optimizer_name=optimizer_name,
             numbered=numbered,
         )
+        write_json(folder / CONFIG_FILE, adapter_config(args, model))
         last_saved[0] = step
 
     def before_step(done: int):
