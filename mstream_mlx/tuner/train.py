@@ -706,12 +706,15 @@ def train_model(
             return "nothing was saved"
         return f"{folder / ADAPTER_FILE} still holds step {last_saved[0]}"
 
-    def save(step: int, numbered: bool = True):
+    def check_finite(step: int):
+        # every rank holds the same weights, so all ranks stop together
         if not _all_finite(model):
             raise TrainingDiverged(
                 f"The weights became non-finite by step {step}; stopped, "
                 f"{describe_saved()}. Try a lower --learning-rate."
             )
+
+    def save(step: int, numbered: bool = True):
         save_checkpoint(
             folder,
             model,
@@ -729,9 +732,11 @@ def train_model(
         mx.random.seed((args.seed * 1_000_003 + done) * world.size + world.rank)
         if done > start:
             ui.advance()
-        if writer and done > start and done % args.save_every == 0:
-            save(done)
-            ui.log(f"Iter {done}: Saved adapter weights to {folder / ADAPTER_FILE}.")
+        if done > start and done % args.save_every == 0:
+            check_finite(done)
+            if writer:
+                save(done)
+                ui.log(f"Iter {done}: Saved adapter weights to {folder / ADAPTER_FILE}.")
 
     def iterate(
         dataset, batch_size, max_seq_length, loop=False, seed=None, comm_group=None
@@ -760,6 +765,8 @@ def train_model(
     # mlx-lm saves its own copy of the final weights; ours (with the optimizer
     # state) is the one that counts, so its copy goes to a scratch file
     scratch = folder / f".final-{ADAPTER_FILE}"
+    # (rank 0 alone writes it; atomic_file turns a failed write into one line)
+    scratch_file = atomic_file(scratch) if writer else contextlib.nullcontext(scratch)
     targs = lm_trainer.TrainingArgs(
         batch_size=args.batch_size,
         iters=args.iters - start,
@@ -786,7 +793,7 @@ def train_model(
             with guard(world, args.dist_timeout, folder, "training") as dog:
                 check_same_start(world, model, train_set)
                 with ui, _quiet_mlx_lm_console(), _restore_layer_call(model):
-                    with atomic_file(scratch) as tmp:
+                    with scratch_file as tmp:
                         targs.adapter_file = str(tmp)
                         lm_trainer.train(
                             model,
@@ -799,7 +806,9 @@ def train_model(
                             training_callback=_Callbacks(*callbacks),
                         )
         finally:
-            scratch.unlink(missing_ok=True)
+            if writer:
+                scratch.unlink(missing_ok=True)
+        check_finite(args.iters)
         if writer:
             save(args.iters, numbered=args.iters % args.save_every == 0)
             log(f"Saved final weights to {folder / ADAPTER_FILE}.")
