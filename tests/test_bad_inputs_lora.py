@@ -263,14 +263,15 @@ def test_a_kill_between_the_two_files_is_refused_then_recovers_exactly(
     more = ["--iters", 6, "--save-every", 2, "--seed", 1]
     r = lora(model, data, tmp_path / "straight", "--train", *more)
     assert r.exit_code == 0, r.stderr
-    kill_after_state = (
+    kill_after_state = (  # the second state file (step 4) renamed into place: die
         "import os, sys\n"
-        "import mstream_mlx.tuner.adapters as a\n"
-        "save = a.save_safetensors\n"
-        "def dying(path, arrays, metadata=None):\n"
-        "    save(path, arrays, metadata)\n"
-        "    if (metadata or {}).get('step') == '4': os._exit(137)\n"
-        "a.save_safetensors = dying\n"
+        "replace, states = os.replace, []\n"
+        "def dying(src, dst):\n"
+        "    replace(src, dst)\n"
+        "    if str(dst).endswith('training_state.safetensors'):\n"
+        "        states.append(dst)\n"
+        "        if len(states) == 2: os._exit(137)\n"
+        "os.replace = dying\n"
         "from mstream_mlx.cli.main import main\n"
         "sys.argv[0] = 'mstream-mlx'\n"
         "main()\n"

@@ -36,18 +36,6 @@ FINE_TUNE_TYPES = ("lora", "dora", "full")
 ADAPTER_LEAVES = ("lora_a", "lora_b", "m")
 
 
-def save_safetensors(path, arrays: Dict[str, mx.array], metadata=None):
-    """``mx.save_safetensors`` through :func:`atomic_file` (a failed write, a full
-    disk included, is one ``WriteError`` line and leaves nothing)."""
-    with atomic_file(path) as tmp:
-        mx.save_safetensors(str(tmp), arrays, metadata=metadata or {})
-
-
-def write_json(path, obj: dict):
-    with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=4, default=str))
-
-
 def channel_embedding_path(model: nn.Module) -> Optional[str]:
     """Module path of the channel embedding (``model.channel_embedding``)."""
     for name, _ in model.named_modules():
@@ -171,10 +159,11 @@ def save_checkpoint(
     optimizer=None,
     optimizer_name: Optional[str] = None,
     numbered: bool = True,
+    config: Optional[dict] = None,
 ):
     """Write ``adapters.safetensors`` (and a numbered copy) and, when an optimizer
     is given, ``training_state.safetensors`` with its state, ``step`` and the
-    digest of the adapters it belongs with.
+    digest of the adapters it belongs with; then ``config`` as adapter_config.json.
 
     The pair is written so that a kill at any point leaves either the old pair, the
     new pair, or a new state beside old adapters, which :func:`load_training_state`
@@ -197,11 +186,15 @@ def save_checkpoint(
                 meta = {**meta, "adapters_sha256": file_digest(tmp)}
                 if optimizer_name:
                     meta["optimizer"] = optimizer_name
-                save_safetensors(folder / STATE_FILE, state, metadata=meta)
+                with atomic_file(folder / STATE_FILE) as dst:
+                    mx.save_safetensors(str(dst), state, metadata=meta)
         except BaseException:
             if numbered:  # a failed save leaves no part of itself
                 copy.unlink(missing_ok=True)
             raise
+    if config is not None:
+        with atomic_file(folder / CONFIG_FILE) as dst:
+            dst.write_text(json.dumps(config, indent=4, default=str))
 
 
 def _read_safetensors(path, what: str):

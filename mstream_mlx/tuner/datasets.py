@@ -262,7 +262,7 @@ class ExampleBuilder:
             return self._silence_id()
         if isinstance(cell, bool) or not isinstance(cell, (int, str)):
             raise ValueError(
-                f"{where} is {json.dumps(cell)}; a cell is a token id, a text piece "
+                f"{where} is {_brief(cell)}; a cell is a token id, a text piece "
                 "or null (silence)"
             )
         if isinstance(cell, str):
@@ -277,7 +277,7 @@ class ExampleBuilder:
 
     def _token(self, t, where: str) -> int:
         if isinstance(t, bool) or not isinstance(t, int):
-            raise ValueError(f"{where} is {json.dumps(t)}, not a token id")
+            raise ValueError(f"{where} is {_brief(t)}, not a token id")
         if not 0 <= t < self.vocab_size:
             raise ValueError(
                 f"{where} is token id {t}, outside the vocabulary (0..{self.vocab_size - 1})"
@@ -324,7 +324,7 @@ class ExampleBuilder:
         if not isinstance(ids, list) or not all(isinstance(x, list) for x in ids):
             raise ValueError("'token_ids' must be a list of per-channel lists of ids")
         if isinstance(R, bool) or not isinstance(R, int):
-            raise ValueError(f"'num_rows' must be an integer, got {json.dumps(R)}")
+            raise ValueError(f"'num_rows' must be an integer, got {_brief(R)}")
         C = self.spec.num_channels
         if len(ids) < C:
             raise ValueError(
@@ -425,7 +425,7 @@ class ExampleBuilder:
                 )
             if isinstance(k, bool) or not isinstance(k, int) or k < 0:
                 raise ValueError(
-                    f"the offset of {name!r} must be an integer >= 0, got {json.dumps(k)}"
+                    f"the offset of {name!r} must be an integer >= 0, got {_brief(k)}"
                 )
             out[c] = k
         return out
@@ -478,6 +478,12 @@ class ExampleBuilder:
                 raise ValueError(f"the {m['role']} message has no string 'content'")
         heads = self._with_auditor(obj, msgs[1]["content"])
         return self._assemble(system, msgs[0]["content"], heads, {})
+
+
+def _brief(value, limit: int = 60) -> str:
+    """A JSON value for a one-line message, cut to ``limit`` characters."""
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _example(ids, channels, positions, labels) -> Example:

@@ -16,6 +16,7 @@ is one ``ValueError`` line naming it, and nothing is written.
 
 import contextlib
 import dataclasses
+import io
 import json
 import math
 import typing
@@ -44,7 +45,6 @@ from .adapters import (
     read_adapter_config,
     save_checkpoint,
     trainable_weights,
-    write_json,
 )
 from .batching import DEFAULT_PAD_TO, BatchIterator
 from .datasets import DEFAULT_SYSTEM, DataOptions, load_datasets
@@ -686,8 +686,10 @@ def train_model(
         else:
             start, opt_state = saved
             log(f"Resuming at step {start} of {args.iters}.")
-    if world.main:
-        print_trainable_parameters(model)
+    if world.main:  # mlx-lm prints it; it goes where our log lines go
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            print_trainable_parameters(model)
+        log(out.getvalue().strip())
     folder = Path(args.adapter_path)
     optimizer = build_optimizer(args)
     if opt_state is not None:
@@ -722,8 +724,8 @@ def train_model(
             optimizer=optimizer,
             optimizer_name=optimizer_name,
             numbered=numbered,
+            config=adapter_config(args, model),
         )
-        write_json(folder / CONFIG_FILE, adapter_config(args, model))
         last_saved[0] = step
 
     def before_step(done: int):
