@@ -505,7 +505,7 @@ class Progress(TrainingCallback):
             f"{info['peak_memory']:.2f} GB"
         )
         if self._bar is not None:
-            self._bar.update(self._task, status=status)
+            self._bar.update(self._task, completed=it, status=status)
         self.log(
             f"Iter {it}: Train loss {info['train_loss']:.3f}, "
             f"Learning Rate {info['learning_rate']:.3e}, "
@@ -896,7 +896,7 @@ def run(args: LoraArgs, log=print, training_callback=None) -> RunResult:
     saved = None
     if not args.train and Path(args.adapter_path, CONFIG_FILE).is_file():
         saved = read_adapter_config(args.adapter_path)
-    layers = _config_layers(args.model)
+    layers = _config_layers(args.model) if args.train else None
     if layers is not None:
         fit_num_layers(args, layers, log)
     np.random.seed(args.seed)
