@@ -397,3 +397,48 @@ def test_test_reuses_saved_data_settings_and_fewer_layers_are_all_trained(
     assert saved_loss == explicit != overridden
     # a random tiny model is worse than uniform guessing: no absurd perplexity
     assert "Test ppl omitted (above the vocabulary size 512" in saved
+
+
+# ------------------------------------------------- fuzz: JSONL lines never crash
+KEYS = ("streams", "token_ids", "num_rows", "system", "user", "assistant", "offsets",
+        "messages", "role", "content", "prompt", "completion", "auditor", "User",
+        "Output", "Analytical", "text")  # fmt: skip
+
+
+@pytest.mark.parametrize("layout", ["blocks", "rows"])
+def test_fuzzed_jsonl_lines_are_examples_or_one_line_errors(
+    tiny_checkpoint, tmp_path_factory, layout
+):
+    """Any line (JSON built from the formats' own keys, or raw bytes) gives an
+    example or a ``DataError`` "file:1: reason" on one line, never another error."""
+    hypothesis = pytest.importorskip("hypothesis")
+    st = pytest.importorskip("hypothesis.strategies")
+    import mstream_mlx
+    from mstream_mlx.tuner.datasets import DataError, ExampleBuilder, load_jsonl
+
+    ck = tiny_checkpoint("qwen3", layout, num_channels=3)
+    m, tok = mstream_mlx.load(str(ck))
+    builder = ExampleBuilder(tok, m.streams, m.args.vocab_size)
+    path = tmp_path_factory.mktemp("fuzz") / "train.jsonl"
+    scalars = (
+        st.none() | st.booleans() | st.integers(-(2**70), 2**70)
+        | st.floats(allow_nan=True) | st.text(max_size=8) | st.sampled_from(KEYS)
+    )  # fmt: skip
+    values = st.recursive(
+        scalars,
+        lambda inner: st.lists(inner, max_size=5)
+        | st.dictionaries(st.sampled_from(KEYS) | st.text(max_size=4), inner, max_size=5),
+        max_leaves=20,
+    )
+    lines = values.map(lambda v: json.dumps(v).encode()) | st.binary(max_size=40)
+
+    @hypothesis.settings(max_examples=150, deadline=None, database=None)
+    @hypothesis.given(lines)
+    def check(line):
+        path.write_bytes(line.replace(b"\n", b" ") + b"\n")
+        try:
+            load_jsonl(path, builder)
+        except DataError as e:
+            assert str(e).startswith(f"{path}:1: ") and "\n" not in str(e), str(e)
+
+    check()

@@ -205,7 +205,7 @@ def _read_safetensors(path, what: str):
         raise FileNotFoundError(f"No {what} at {path}.")
     try:
         arrays, meta = mx.load(str(path), return_metadata=True)
-    except (RuntimeError, ValueError, OSError) as e:
+    except (RuntimeError, ValueError, OSError, MemoryError, OverflowError) as e:
         reason = " ".join(str(e).split()) or type(e).__name__
         raise ValueError(
             f"{path} is not a readable safetensors file ({reason})."
