@@ -185,7 +185,9 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused(
 ):
     small = tiny_checkpoint("qwen3", "blocks", vocab_size=400)
     line = refused(
-        tmp_path, lambda: lora(small, data, tmp_path / "ad", "--train"), "vocab_size is 400"
+        tmp_path,
+        lambda: lora(small, data, tmp_path / "ad", "--train"),
+        "vocab_size is 400",
     )
     assert "has 463 token ids" in line
 
@@ -287,7 +289,10 @@ def test_a_kill_between_the_two_files_is_refused_then_recovers_exactly(
     before = snapshot(tmp_path)
     line = error_line(lora(model, data, ad, "--train", *more, *resume))
     assert snapshot(tmp_path) == before
-    assert "adapters.safetensors is not the adapters training_state.safetensors (step 4)" in line
+    assert (
+        "adapters.safetensors is not the adapters training_state.safetensors (step 4)"
+        in line
+    )
     assert f"copy {ad / '0000004_adapters.safetensors'} over it" in line
     shutil.copy(ad / "0000004_adapters.safetensors", ad / "adapters.safetensors")
     r = lora(model, data, ad, "--train", *more, *resume)

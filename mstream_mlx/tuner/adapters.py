@@ -248,7 +248,10 @@ def load_training_state(
         numbered = path.with_name(f"{step:07d}_{ADAPTER_FILE}")
         hint = remove
         if numbered.is_file() and file_digest(numbered) == digest:
-            hint = f"copy {numbered} over it to resume exactly from step {step}, or {remove}"
+            hint = (
+                f"copy {numbered} over it to resume exactly from step {step}, "
+                f"or {remove}"
+            )
         raise ValueError(
             f"{adapter_file} is not the adapters {path.name} (step {step}) was saved "
             f"with (an interrupted save?); {hint}."

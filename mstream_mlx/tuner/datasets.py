@@ -538,7 +538,9 @@ def _line_example(raw: bytes, n: int, builder: ExampleBuilder) -> Optional[Examp
     try:
         line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"not valid UTF-8 (byte {raw[e.start]:#04x} at byte {e.start + 1})") from None
+        raise ValueError(
+            f"not valid UTF-8 (byte {raw[e.start]:#04x} at byte {e.start + 1})"
+        ) from None
     if not line.strip():
         return None
     try:

@@ -393,7 +393,9 @@ def build_optimizer(args: LoraArgs):
     try:
         return OPTIMIZERS[name](learning_rate=lr, **config)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"optimizer_config.{name} is not valid for {name}: {e}.") from None
+        raise ValueError(
+            f"optimizer_config.{name} is not valid for {name}: {e}."
+        ) from None
 
 
 def _schedule(sched: dict):
@@ -871,7 +873,8 @@ def _config_layers(model: str) -> Optional[int]:
     cannot tell), to check --num-layers before anything heavy loads."""
     try:
         cfg = json.loads(Path(model, "config.json").read_text(encoding="utf-8"))
-        n = cfg.get("num_hidden_layers", (cfg.get("text_config") or {}).get("num_hidden_layers"))
+        text = cfg.get("text_config") or {}  # Qwen3.5 nests it
+        n = cfg.get("num_hidden_layers", text.get("num_hidden_layers"))
     except (OSError, ValueError, AttributeError):
         return None
     return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
@@ -888,7 +891,8 @@ def run(args: LoraArgs, log=print, training_callback=None) -> RunResult:
     data_dir = Path(args.data)
     if not data_dir.is_dir():
         raise FileNotFoundError(
-            f"--data must be a folder with train.jsonl/valid.jsonl/test.jsonl, got {args.data}."
+            "--data must be a folder with train.jsonl/valid.jsonl/test.jsonl, got "
+            f"{args.data}."
         )
     for split, wanted in (("train", args.train), ("test", args.test)):
         if wanted and not (data_dir / f"{split}.jsonl").is_file():
@@ -908,9 +912,14 @@ def run(args: LoraArgs, log=print, training_callback=None) -> RunResult:
     )
     options = args.data_options(saved)
     if saved is not None:
+        used = {
+            "wait_k": options.wait_k,
+            "auditor_wait": options.auditor_wait,
+            "system_prompt": options.system,
+        }
         reused = {
             k: v
-            for k, v in (("wait_k", options.wait_k), ("auditor_wait", options.auditor_wait), ("system_prompt", options.system))
+            for k, v in used.items()
             if getattr(args, k) is None and saved.get(k) is not None
         }
         if reused:
