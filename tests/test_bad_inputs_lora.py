@@ -425,19 +425,48 @@ def test_fuzzed_jsonl_lines_are_examples_or_one_line_errors(
     m, tok = mstream_mlx.load(str(ck))
     builder = ExampleBuilder(tok, m.streams, m.args.vocab_size)
     path = tmp_path_factory.mktemp("fuzz") / "train.jsonl"
+    words = st.sampled_from([" one", " two", "three", "user", " -", "", "🙂"])
     scalars = (
         st.none() | st.booleans() | st.integers(-(2**70), 2**70)
-        | st.floats(allow_nan=True) | st.text(max_size=8) | st.sampled_from(KEYS)
+        | st.integers(-2, 600) | st.floats(allow_nan=True) | words
+        | st.text(max_size=8) | st.sampled_from(KEYS)
     )  # fmt: skip
     values = st.recursive(
         scalars,
         lambda inner: st.lists(inner, max_size=5)
         | st.dictionaries(st.sampled_from(KEYS) | st.text(max_size=4), inner, max_size=5),
-        max_leaves=20,
+        max_leaves=12,
     )
-    lines = values.map(lambda v: json.dumps(v).encode()) | st.binary(max_size=40)
+    names = st.sampled_from(["User", "Output", "Analytical", "user", "assistant",
+                             "auditor", "system", "nope", "0", "2"])  # fmt: skip
+    heads = st.sampled_from(["assistant", "auditor", "user", "nope"])
+    # each format's own shape with fuzzed values, so every check is reached
+    formats = st.one_of(
+        st.fixed_dictionaries(
+            {"streams": st.dictionaries(names, st.lists(scalars, max_size=6) | values)}
+        ),
+        st.fixed_dictionaries(
+            {"num_rows": values | st.integers(0, 4),
+             "token_ids": st.lists(st.lists(scalars, max_size=4), max_size=4) | values}
+        ),
+        st.fixed_dictionaries(
+            {"user": values, "assistant": values},
+            optional={"system": values, "auditor": values,
+                      "offsets": st.dictionaries(heads, values) | values},
+        ),
+        st.fixed_dictionaries(
+            {"messages": st.lists(
+                st.fixed_dictionaries({"role": names, "content": values}), max_size=4
+            ) | values}
+        ),
+        st.fixed_dictionaries(
+            {"prompt": values, "completion": values}, optional={"auditor": values}
+        ),
+        values,
+    )  # fmt: skip
+    lines = formats.map(lambda v: json.dumps(v).encode()) | st.binary(max_size=40)
 
-    @hypothesis.settings(max_examples=150, deadline=None, database=None)
+    @hypothesis.settings(max_examples=300, deadline=None, database=None)
     @hypothesis.given(lines)
     def check(line):
         path.write_bytes(line.replace(b"\n", b" ") + b"\n")
