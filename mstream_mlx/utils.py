@@ -14,6 +14,7 @@ from mlx_lm.utils import load_config, load_model as lm_load_model, load_tokenize
 
 from .models import architectures, family_for, get_model_classes
 from .models.base import CHANNEL_KEY
+from .vocab import check_tokenizer_fits
 from .streams import BLOCKS, ROWS, StreamSpec, blocks_spec, rows_spec, silence_token_id
 
 # What snapshot_download fetches for a model (mlx-lm's list plus PyTorch .bin weights
@@ -176,6 +177,7 @@ def load(
     tokenizer = load_tokenizer(
         model_path, tokenizer_config, eos_token_ids=config.get("eos_token_id")
     )
+    check_tokenizer_fits(tokenizer, model.args.vocab_size, str(model_path))
     ms = model.args.multistream
     if ms["layout"] == ROWS and ms.get("silence_token_id") is None:
         ms["silence_token_id"] = silence_token_id(tokenizer)

@@ -237,7 +237,7 @@ def test_resume_reproduces_the_loss_curve(rows3, tmp_path):
         )
     folder = Path(args.adapter_path)
     assert (folder / "0000004_adapters.safetensors").is_file()
-    assert not list(folder.glob(".tmp-*"))  # atomic writes leave nothing behind
+    assert not list(folder.glob(".*"))  # atomic writes leave nothing behind
 
     loaded = mstream_mlx.load(str(rows3))
     args.resume_adapter_file = str(folder / "adapters.safetensors")
@@ -606,17 +606,17 @@ def test_progress_rich_and_plain_lines():
     }
     lines = []
     ui = Progress(100, start=20, tokens=lambda: 4000, log=lines.append, rich=False)
-    with ui(100):
+    with ui:
         ui.advance()
         ui.on_train_loss_report(info)
-        ui.report_val(11, 1.25, 0.5)
+        ui.on_val_loss_report({"iteration": 10, "val_loss": 1.25, "val_time": 0.5})
     assert lines[0] == (
         "Iter 30: Train loss 1.500, Learning Rate 1.000e-04, It/sec 2.000, "
         "Tokens/sec 800.0, Trained Tokens 500, Peak mem 0.250 GB, ETA 0:00:35"
     )
     assert lines[1] == "Iter 30: Val loss 1.250, Val took 0.500s"
     ui = Progress(100, tokens=lambda: 4000, rich=True)
-    with ui(100):
+    with ui:
         ui.advance()
         ui.on_train_loss_report(info)
     assert ui.history[0]["eta"] == 45.0

@@ -17,6 +17,7 @@ A malformed line raises :class:`DataError` naming the file, the line and the rea
 """
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -24,6 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..streams import ROWS, ChatTokens, StreamSpec, blocks_to_flat, chat_blocks
+from ..vocab import check_tokenizer_fits
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
 """The reference's default system message (§5-6 ``model.system_message``)."""
@@ -175,10 +177,14 @@ def stream_weight_vector(
                 f"Stream {spec.names[c]!r} is an input stream; it never carries loss, "
                 "so it takes no weight."
             )
-        if not isinstance(value, (int, float)) or value < 0:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not (math.isfinite(value) and value >= 0)
+        ):
             raise ValueError(
-                f"The weight of stream {spec.names[c]!r} must be a number >= 0, "
-                f"got {value!r}."
+                f"The weight of stream {spec.names[c]!r} must be a number >= 0 "
+                f"(finite), got {value!r}."
             )
         w[c] = float(value)
     return w
@@ -256,7 +262,7 @@ class ExampleBuilder:
             return self._silence_id()
         if isinstance(cell, bool) or not isinstance(cell, (int, str)):
             raise ValueError(
-                f"{where} is {json.dumps(cell)}; a cell is a token id, a text piece "
+                f"{where} is {_brief(cell)}; a cell is a token id, a text piece "
                 "or null (silence)"
             )
         if isinstance(cell, str):
@@ -271,7 +277,7 @@ class ExampleBuilder:
 
     def _token(self, t, where: str) -> int:
         if isinstance(t, bool) or not isinstance(t, int):
-            raise ValueError(f"{where} is {json.dumps(t)}, not a token id")
+            raise ValueError(f"{where} is {_brief(t)}, not a token id")
         if not 0 <= t < self.vocab_size:
             raise ValueError(
                 f"{where} is token id {t}, outside the vocabulary (0..{self.vocab_size - 1})"
@@ -318,7 +324,7 @@ class ExampleBuilder:
         if not isinstance(ids, list) or not all(isinstance(x, list) for x in ids):
             raise ValueError("'token_ids' must be a list of per-channel lists of ids")
         if isinstance(R, bool) or not isinstance(R, int):
-            raise ValueError(f"'num_rows' must be an integer, got {json.dumps(R)}")
+            raise ValueError(f"'num_rows' must be an integer, got {_brief(R)}")
         C = self.spec.num_channels
         if len(ids) < C:
             raise ValueError(
@@ -419,7 +425,7 @@ class ExampleBuilder:
                 )
             if isinstance(k, bool) or not isinstance(k, int) or k < 0:
                 raise ValueError(
-                    f"the offset of {name!r} must be an integer >= 0, got {json.dumps(k)}"
+                    f"the offset of {name!r} must be an integer >= 0, got {_brief(k)}"
                 )
             out[c] = k
         return out
@@ -474,6 +480,12 @@ class ExampleBuilder:
         return self._assemble(system, msgs[0]["content"], heads, {})
 
 
+def _brief(value, limit: int = 60) -> str:
+    """A JSON value for a one-line message, cut to ``limit`` characters."""
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _example(ids, channels, positions, labels) -> Example:
     return Example(
         np.asarray(ids, dtype=np.int32),
@@ -504,29 +516,46 @@ def load_jsonl(
     path = Path(path)
     report = LoadReport(path)
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
             try:
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(
-                        f"invalid JSON ({e.msg} at column {e.colno})"
-                    ) from None
-                ex = builder.build(obj)
-                if not has_loss(ex, builder.spec):
-                    raise ValueError("no output-stream token to learn from")
+                ex = _line_example(raw, n, builder)
             except ValueError as e:
                 msg = f"{path}:{n}: {e}"
                 if not skip_invalid:
                     raise DataError(msg) from None
                 report.skipped.append(msg)
                 continue
-            examples.append(ex)
+            if ex is not None:
+                examples.append(ex)
     report.kept = len(examples)
     return examples, report
+
+
+def _line_example(raw: bytes, n: int, builder: ExampleBuilder) -> Optional[Example]:
+    """One JSONL line as an example (None for a blank line); ``ValueError`` with the
+    reason otherwise."""
+    try:
+        line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"not valid UTF-8 (byte {raw[e.start]:#04x} at byte {e.start + 1})"
+        ) from None
+    if not line.strip():
+        return None
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"invalid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+    try:
+        ex = builder.build(obj)
+    except RecursionError:  # a deeply nested value reached a message
+        raise ValueError("a value nested too deeply") from None
+    if not has_loss(ex, builder.spec):
+        raise ValueError("no output-stream token to learn from")
+    return ex
 
 
 def has_loss(ex: Example, spec: StreamSpec) -> bool:
@@ -550,6 +579,7 @@ def load_datasets(
         raise FileNotFoundError(
             f"--data must be a folder with train.jsonl/valid.jsonl/test.jsonl, got {data}."
         )
+    check_tokenizer_fits(tokenizer, vocab_size)
     options = options or DataOptions()
     builder = ExampleBuilder(tokenizer, spec, vocab_size, options)
     weights = stream_weight_vector(spec, stream_weights)

@@ -37,8 +37,13 @@ def fuse(
         The output folder, loadable with ``mstream_mlx.load``.
     """
     from ..atomic import atomic_folder, check_destination
-    from ..folders import copy_side_files
+    from ..folders import check_apart, copy_side_files
 
+    # --force replaces save_path once the new folder is complete, so it must never
+    # be (or hold, or sit inside) a folder it reads from
+    for source in (Path(model_path).expanduser(), Path(adapter_path)):
+        if source.exists():
+            check_apart(Path(save_path), source, "--save-path")
     check_destination(Path(save_path), force)  # fail before the slow part
     src = resolve_model_path(model_path)
     log(f"Loading {src} with the adapters of {adapter_path}")

@@ -7,11 +7,19 @@ This is glue around mlx-lm's tuner, not a second training loop: ``trainer.train`
 accumulates gradients and checkpoints layers.  Around it we add what mlx-lm's loop
 does not do: atomic saves that include the optimizer state, and a data order and
 random state that depend on the step only, so a resumed run continues exactly.
+Progress, divergence checks and saves hook in through mlx-lm's own
+``training_callback`` and ``iterate_batches``.
+
+Every setting is checked before the model loads (:meth:`LoraArgs.check`): a bad one
+is one ``ValueError`` line naming it, and nothing is written.
 """
 
 import contextlib
 import dataclasses
+import io
+import json
 import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -23,6 +31,7 @@ from mlx_lm.tuner import trainer as lm_trainer
 from mlx_lm.tuner.callbacks import TrainingCallback
 from mlx_lm.tuner.utils import build_schedule, print_trainable_parameters
 
+from ..atomic import atomic_file
 from ..streams import BLOCKS
 from .adapters import (
     ADAPTER_FILE,
@@ -33,8 +42,9 @@ from .adapters import (
     load_adapters,
     load_training_state,
     prepare_model,
+    read_adapter_config,
     save_checkpoint,
-    write_json,
+    trainable_weights,
 )
 from .batching import DEFAULT_PAD_TO, BatchIterator
 from .datasets import DEFAULT_SYSTEM, DataOptions, load_datasets
@@ -57,6 +67,9 @@ OPTIMIZERS = {
     "muon": optim.Muon,
 }
 
+# mlx.optimizers.schedulers that a YAML lr_schedule mapping may name
+SCHEDULES = ("cosine_decay", "exponential_decay", "linear_schedule", "step_decay")
+
 
 @dataclass
 class LoraArgs:
@@ -68,7 +81,7 @@ class LoraArgs:
     test: bool = False
     data: str = "data"  # folder with train.jsonl / valid.jsonl / test.jsonl
     fine_tune_type: str = "lora"  # lora | dora | full
-    num_layers: int = 16  # last N layers get adapters (-1: all)
+    num_layers: int = 16  # last N layers get adapters (-1: all; fewer exist: all)
     lora_parameters: Dict[str, Any] = field(
         default_factory=lambda: {"rank": 8, "dropout": 0.0, "scale": 20.0}
     )
@@ -94,10 +107,11 @@ class LoraArgs:
     pad_to: int = DEFAULT_PAD_TO
     # mlx.launch runs: a rank with no finished step for this long exits (0: never)
     dist_timeout: float = DEFAULT_TIMEOUT
-    # multi-stream data and loss
-    wait_k: int = 0  # converted formats: assistant starts K timesteps after the user
+    # multi-stream data (None: the value saved with --adapter-path when only
+    # testing, else the default noted) and loss
+    wait_k: Optional[int] = None  # converted formats: assistant starts K steps later (0)
     auditor_wait: Optional[int] = None  # the auditor's delay (default: wait_k)
-    system_prompt: str = DEFAULT_SYSTEM  # blocks examples without a system message
+    system_prompt: Optional[str] = None  # blocks examples without one (DEFAULT_SYSTEM)
     skip_invalid: bool = False
     stream_weights: Dict[str, float] = field(default_factory=dict)  # {Output: 2.0}
     long_ce: bool = False
@@ -106,7 +120,9 @@ class LoraArgs:
     long_ce_normalize: bool = True
 
     def check(self):
-        """Raise one ``ValueError`` for the first inconsistent setting."""
+        """Raise one ``ValueError`` (``FileNotFoundError`` for a missing resume
+        file) for the first wrong or inconsistent setting; reads no model."""
+        _check_types(self)
         if self.model is None:
             raise ValueError(
                 "No model given: pass --model (or 'model:' in the config)."
@@ -140,19 +156,136 @@ class LoraArgs:
                 f"grad_accumulation_steps ({self.grad_accumulation_steps}), so every "
                 "checkpoint falls after an optimizer update and resumes exactly."
             )
-        for name in ("wait_k", "auditor_wait", "dist_timeout"):
+        for name in (
+            "wait_k",
+            "auditor_wait",
+            "dist_timeout",
+            "warmup",
+            "seed",
+            "clear_cache_threshold",
+        ):
             v = getattr(self, name)
             if v is not None and v < 0:
                 raise ValueError(f"{name} must be >= 0, got {v}.")
+        if self.seed >= 2**32:
+            raise ValueError(f"seed must be below 2**32, got {self.seed}.")
+        if self.num_layers == 0 or self.num_layers < -1:
+            raise ValueError(
+                f"num_layers must be -1 (all) or >= 1, got {self.num_layers}."
+            )
+        for name in ("val_batches", "test_batches"):
+            v = getattr(self, name)
+            if v == 0 or v < -1:
+                raise ValueError(f"{name} must be -1 (all) or >= 1, got {v}.")
+        if not self.learning_rate > 0:  # also nan
+            raise ValueError(
+                f"learning_rate must be a finite number > 0, got {self.learning_rate}."
+            )
+        if not self.long_ce_gamma > 0:
+            raise ValueError(
+                f"long_ce_gamma must be a finite number > 0, got {self.long_ce_gamma}."
+            )
+        for name, w in self.stream_weights.items():
+            number = isinstance(w, (int, float)) and not isinstance(w, bool)
+            if not (number and math.isfinite(w) and w >= 0):
+                raise ValueError(
+                    f"The weight of stream {name!r} must be a number >= 0 (finite), "
+                    f"got {w!r}."
+                )
         if self.fine_tune_type != "full":
             check_lora_parameters(self.lora_parameters)  # before the slow model load
+        build_optimizer(self)  # a bad schedule or optimizer_config fails here
+        if self.resume_adapter_file is not None and self.train:
+            if not Path(self.resume_adapter_file).is_file():
+                raise FileNotFoundError(
+                    f"No adapters file at {self.resume_adapter_file} "
+                    "(--resume-adapter-file)."
+                )
+
+    def data_options(self, saved: Optional[dict] = None) -> DataOptions:
+        """How data lines become examples: these settings where given, else the
+        ones ``saved`` in an adapter_config.json, else the defaults."""
+        saved = saved or {}
+
+        def pick(name, default):
+            v = getattr(self, name)
+            if v is None:
+                v = saved.get(name)
+            return default if v is None else v
+
+        return DataOptions(
+            pick("wait_k", 0),
+            pick("auditor_wait", None),
+            pick("system_prompt", DEFAULT_SYSTEM),
+            self.skip_invalid,
+        )
+
+
+_KINDS = {
+    bool: "true or false",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    dict: "a mapping",
+}
+
+
+def _field_kind(annotation):
+    """``(type, optional)`` of a field annotation (``Any`` -> ``(None, True)``)."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is typing.Union:
+        kinds = [a for a in args if a is not type(None)]
+        return _field_kind(kinds[0])[0], True
+    if typing.get_origin(annotation) is dict or annotation is dict:
+        return dict, False
+    if annotation in _KINDS:
+        return annotation, False
+    return None, True
+
+
+def _check_types(args: "LoraArgs"):
+    """Every setting has its field's type; numbers are finite."""
+    for f in dataclasses.fields(args):
+        v = getattr(args, f.name)
+        kind, optional = _field_kind(f.type)
+        if kind is None or (v is None and optional):
+            continue
+        ok = isinstance(v, kind) and (kind is bool or not isinstance(v, bool))
+        if kind is float:
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+            if ok and not math.isfinite(v):
+                raise ValueError(f"{f.name} must be a finite number, got {v}.")
+        if not ok:
+            raise ValueError(f"{f.name} must be {_KINDS[kind]}, got {v!r}.")
+    _check_finite(args.optimizer_config, "optimizer_config")
+    _check_finite(args.lr_schedule, "lr_schedule")
+
+
+def _check_finite(value, where: str):
+    """No nan/inf anywhere inside a nested YAML value."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite(v, f"{where}.{k}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_finite(v, f"{where}[{i}]")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where} must be a finite number, got {value}.")
 
 
 def _coerce(f: dataclasses.Field, value):
     # YAML reads "1e-5" as a string; numbers arrive as the field's type.
     kind = f.type if isinstance(f.type, type) else None
     if kind in (int, float) and isinstance(value, str):
-        return kind(float(value)) if kind is int else kind(value)
+        try:
+            x = float(value)
+        except ValueError:
+            raise ValueError(f"{f.name} must be {_KINDS[kind]}, got {value!r}.") from None
+        if kind is float:
+            return x
+        if not x.is_integer():
+            raise ValueError(f"{f.name} must be an integer, got {value!r}.")
+        return int(x)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     return value
@@ -166,6 +299,26 @@ LORA_FLAGS = {
 }
 
 
+def _read_yaml(config: str) -> dict:
+    import yaml
+
+    path = Path(config)
+    if not path.is_file():
+        raise FileNotFoundError(f"No config file at {config}.")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(f"{config}: invalid YAML ({at}{problem}).") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{config}: not a UTF-8 text file.") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{config} must hold a YAML mapping of settings.")
+    return loaded
+
+
 def resolve_args(flags: Dict[str, Any], config: Optional[str] = None) -> LoraArgs:
     """Merge command-line flags (None = not given) over a YAML file over defaults.
 
@@ -175,15 +328,8 @@ def resolve_args(flags: Dict[str, Any], config: Optional[str] = None) -> LoraArg
     fields = {f.name: f for f in dataclasses.fields(LoraArgs)}
     merged: Dict[str, Any] = {}
     if config:
-        import yaml
-
-        path = Path(config)
-        if not path.is_file():
-            raise FileNotFoundError(f"No config file at {config}.")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{config} must hold a YAML mapping of settings.")
-        unknown = sorted(set(loaded) - set(fields))
+        loaded = _read_yaml(config)
+        unknown = sorted(set(map(str, loaded)) - set(fields))
         if unknown:
             raise ValueError(
                 f"Unknown setting(s) in {config}: {', '.join(unknown)}. Valid keys are "
@@ -203,18 +349,22 @@ def resolve_args(flags: Dict[str, Any], config: Optional[str] = None) -> LoraArg
     if "scale" not in lora and "alpha" not in lora:
         lora["scale"] = LoraArgs().lora_parameters["scale"]
     merged["lora_parameters"] = {"rank": 8, "dropout": 0.0, **lora}
+    for name in ("optimizer_config", "stream_weights"):
+        if merged.get(name) is None:
+            merged.pop(name, None)  # YAML `key:` with no value: the default
     args = LoraArgs(**{k: _coerce(fields[k], v) for k, v in merged.items()})
     return args
 
 
 def build_optimizer(args: LoraArgs):
     """AdamW (or another mlx optimizer) on mlx-lm's ``build_schedule``: linear warmup
-    then cosine decay to 0 over the remaining steps by default."""
+    then cosine decay to 0 over the remaining steps by default.  A schedule or
+    optimizer config mlx cannot build is one ``ValueError`` naming it."""
     lr = args.learning_rate
     sched = args.lr_schedule
     warmup = args.warmup if args.warmup is not None else args.iters // 20
     if isinstance(sched, dict):
-        lr = build_schedule(sched)
+        lr = _schedule(sched)
     elif sched == "cosine":
         lr = build_schedule(
             {
@@ -234,15 +384,54 @@ def build_optimizer(args: LoraArgs):
             "schedule mapping {name, arguments, warmup}."
         )
     name = args.optimizer.lower()
-    return OPTIMIZERS[name](learning_rate=lr, **args.optimizer_config.get(name, {}))
+    config = args.optimizer_config.get(name, {})
+    if not isinstance(config, dict):
+        raise ValueError(
+            f"optimizer_config.{name} must be a mapping of {name} arguments, got "
+            f"{config!r}."
+        )
+    try:
+        return OPTIMIZERS[name](learning_rate=lr, **config)
+    except (TypeError, ValueError) as e:
+        raise ValueError(
+            f"optimizer_config.{name} is not valid for {name}: {e}."
+        ) from None
+
+
+def _schedule(sched: dict):
+    """mlx-lm's ``build_schedule`` on a YAML mapping, checked first."""
+    name = sched.get("name")
+    if name not in SCHEDULES:
+        raise ValueError(
+            f"Unknown lr_schedule name {name!r}; expected one of {', '.join(SCHEDULES)}."
+        )
+    arguments = sched.get("arguments")
+    if not isinstance(arguments, list) or not arguments:
+        raise ValueError(
+            f"lr_schedule needs 'arguments', a list starting with the learning rate "
+            f"(got {arguments!r})."
+        )
+    unknown = set(sched) - {"name", "arguments", "warmup", "warmup_init"}
+    if unknown:
+        raise ValueError(
+            f"Unknown lr_schedule key(s) {', '.join(sorted(map(str, unknown)))}; "
+            "expected name, arguments, warmup, warmup_init."
+        )
+    try:
+        fn = build_schedule(sched)
+        lr = fn(mx.array(0))
+    except (TypeError, ValueError, KeyError) as e:
+        raise ValueError(f"lr_schedule {name} cannot be built: {e}.") from None
+    if not math.isfinite(lr.item()):
+        raise ValueError(f"lr_schedule {name} gives a non-finite learning rate.")
+    return fn
 
 
 class Progress(TrainingCallback):
-    """Progress for mlx-lm's ``train``: stands in for its ``TrainUI`` (same methods)
-    and is its training callback, so a report line can carry loss, lr, it/s,
-    tokens/s (all tokens fed, not only supervised ones), peak memory and ETA, with
-    global step numbers on a resumed run.  A rich bar on a terminal, plain lines
-    otherwise."""
+    """Progress through mlx-lm's ``training_callback`` hook: report lines carry loss,
+    lr, it/s, tokens/s (all tokens fed, not only supervised ones), peak memory and
+    ETA, with global step numbers on a resumed run.  A rich bar on a terminal
+    (``with progress:`` shows it; :meth:`advance` moves it), plain lines otherwise."""
 
     def __init__(
         self,
@@ -282,10 +471,6 @@ class Progress(TrainingCallback):
             )
             self.log = self._bar.console.print
 
-    # mlx-lm TrainUI interface -------------------------------------------------------
-    def __call__(self, total_iters, rank=0):
-        return self
-
     def __enter__(self):
         if self._bar is not None:
             self._bar.__enter__()
@@ -296,26 +481,10 @@ class Progress(TrainingCallback):
             return self._bar.__exit__(*exc)
 
     def advance(self):
+        """One training step done."""
         if self._bar is not None:
             self._bar.advance(self._task)
 
-    def report_train(self, it, train_loss, tokens_sec, trained_tokens):
-        pass  # the callback below prints, with more fields
-
-    @contextlib.contextmanager
-    def val_task(self, total):
-        yield lambda: None
-
-    def report_val(self, it, val_loss, val_time):
-        self.log(
-            f"Iter {it - 1 + self.start}: Val loss {val_loss:.3f}, "
-            f"Val took {val_time:.3f}s"
-        )
-
-    def report_save(self, checkpoint):
-        pass
-
-    # TrainingCallback -------------------------------------------------------------
     def on_train_loss_report(self, info):
         it = info["iteration"] + self.start
         steps = info["iteration"] - self._last_it
@@ -338,7 +507,7 @@ class Progress(TrainingCallback):
             f"{info['peak_memory']:.2f} GB"
         )
         if self._bar is not None:
-            self._bar.update(self._task, status=status)
+            self._bar.update(self._task, completed=it, status=status)
         self.log(
             f"Iter {it}: Train loss {info['train_loss']:.3f}, "
             f"Learning Rate {info['learning_rate']:.3e}, "
@@ -348,7 +517,12 @@ class Progress(TrainingCallback):
         )
 
     def on_val_loss_report(self, info):
-        self.val_history.append({**info, "iteration": info["iteration"] + self.start})
+        it = info["iteration"] + self.start
+        self.val_history.append({**info, "iteration": it})
+        self.log(
+            f"Iter {it}: Val loss {info['val_loss']:.3f}, "
+            f"Val took {info['val_time']:.3f}s"
+        )
 
 
 def _hms(seconds: float) -> str:
@@ -356,16 +530,46 @@ def _hms(seconds: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
+class TrainingDiverged(ValueError):
+    """The loss or the weights became non-finite; the last good adapters are kept."""
+
+
+class _StopOnNonFinite(TrainingCallback):
+    """Ends training with :class:`TrainingDiverged` at the first non-finite reported
+    loss, before anything is saved from the diverged weights."""
+
+    def __init__(self, start: int, describe_saved: Callable[[], str]):
+        self.start, self.describe_saved = start, describe_saved
+
+    def on_train_loss_report(self, info):
+        loss = info["train_loss"]
+        if not math.isfinite(loss):
+            raise TrainingDiverged(
+                f"The training loss became {loss} (non-finite) by step "
+                f"{info['iteration'] + self.start}"
+                f"; stopped, {self.describe_saved()}. Try a lower --learning-rate."
+            )
+
+
+def _all_finite(model) -> bool:
+    flags = [mx.all(mx.isfinite(w)) for w in trainable_weights(model).values()]
+    return all(f.item() for f in flags)
+
+
 @contextlib.contextmanager
-def _mlx_lm_ui(ui: Progress):
-    # mlx-lm's train() builds its TrainUI from this module global; swapping it is the
-    # only way to print multi-stream progress without a second loop.
-    saved = lm_trainer.TrainUI
-    lm_trainer.TrainUI = ui
+def _quiet_mlx_lm_console():
+    # mlx-lm's train() also draws its own table and bar on stdout (colour codes even
+    # into a pipe); ours come through its training_callback hook, so its console
+    # stays quiet while it runs.
+    from mlx_lm.cli_ui import make_console
+
+    console = make_console()
+    saved = console.quiet
+    console.quiet = True
     try:
         yield
     finally:
-        lm_trainer.TrainUI = saved
+        console.quiet = saved
 
 
 @contextlib.contextmanager
@@ -378,6 +582,24 @@ def _restore_layer_call(model):
         yield
     finally:
         cls.__call__ = saved
+
+
+@contextlib.contextmanager
+def _new_folder(folder: Path, make: bool):
+    """Make ``folder`` (and missing parents); remove what was made, if still empty,
+    when the block fails, so a failed run leaves nothing new behind."""
+    made = [p for p in (folder, *folder.parents) if not p.exists()] if make else []
+    if make:
+        folder.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        for p in made:  # innermost first; stop at the first that is not empty
+            try:
+                p.rmdir()
+            except OSError:
+                break
+        raise
 
 
 @dataclass
@@ -404,6 +626,10 @@ def adapter_config(args: LoraArgs, model) -> dict:
     cfg = dataclasses.asdict(args)
     if args.fine_tune_type == "full":
         cfg["lora_parameters"] = None
+    opts = args.data_options()
+    cfg.update(
+        wait_k=opts.wait_k, auditor_wait=opts.auditor_wait, system_prompt=opts.system
+    )
     spec = model.streams
     cfg["multistream"] = {**spec.to_config(), "num_channels": spec.num_channels}
     return cfg
@@ -415,6 +641,17 @@ def pad_multiple(model, args) -> int:
     return math.lcm(args.pad_to, getattr(model, "tokens_per_row", 1))
 
 
+def fit_num_layers(args: LoraArgs, layers: int, log=print) -> None:
+    """mlx-lm's default ``num_layers`` (16) on a model with fewer layers: train
+    them all and say so, instead of failing."""
+    if args.num_layers > layers:
+        log(
+            f"[INFO] The model has {layers} layers, fewer than num_layers "
+            f"{args.num_layers}: training all {layers}."
+        )
+        args.num_layers = layers
+
+
 def train_model(
     args: LoraArgs, model, train_set, valid_set=None, log=print, training_callback=None
 ) -> RunResult:
@@ -422,19 +659,27 @@ def train_model(
     ``args.adapter_path``.  See :class:`LoraArgs` for the settings.
 
     Under ``mlx.launch`` every rank calls this with the same arguments: each trains
-    on its share of every batch, and only rank 0 logs and writes files."""
+    on its share of every batch, and only rank 0 logs and writes files.
+
+    Raises:
+        TrainingDiverged: the loss or the weights became non-finite; the adapters
+            saved before stay as they were.
+    """
+    args.check()
     world = init_world(args.dist_timeout)
     if not world.main:
         log = _silent
+    fit_num_layers(args, len(model.layers), log)
     mx.random.seed(args.seed)
     prepare_model(model, args.fine_tune_type, args.num_layers, args.lora_parameters)
+    optimizer_name = args.optimizer.lower()
     start, opt_state = 0, None
     if args.resume_adapter_file:
         log(f"Loading fine-tuned weights from {args.resume_adapter_file}")
         load_adapter_weights(
             model, args.resume_adapter_file, args.fine_tune_type == "full"
         )
-        saved = load_training_state(args.resume_adapter_file)
+        saved = load_training_state(args.resume_adapter_file, optimizer_name)
         if saved is None:
             log(
                 "[WARNING] No training_state.safetensors next to it: the optimizer and "
@@ -443,12 +688,11 @@ def train_model(
         else:
             start, opt_state = saved
             log(f"Resuming at step {start} of {args.iters}.")
-    if world.main:
-        print_trainable_parameters(model)
+    if world.main:  # mlx-lm prints it; it goes where our log lines go
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            print_trainable_parameters(model)
+        log(out.getvalue().strip())
     folder = Path(args.adapter_path)
-    if world.main:
-        folder.mkdir(parents=True, exist_ok=True)
-        write_json(folder / CONFIG_FILE, adapter_config(args, model))
     optimizer = build_optimizer(args)
     if opt_state is not None:
         optimizer.state = opt_state
@@ -459,14 +703,44 @@ def train_model(
 
     batches = BatchIterator(seed=args.seed, pad_to=pad_multiple(model, args), start_step=start)
     writer = world.main  # one process writes, as in mlx-lm
+    last_saved = [start if args.resume_adapter_file else None]
+
+    def describe_saved() -> str:
+        if last_saved[0] is None:
+            return "nothing was saved"
+        return f"{folder / ADAPTER_FILE} still holds step {last_saved[0]}"
+
+    def check_finite(step: int):
+        # every rank holds the same weights, so all ranks stop together
+        if not _all_finite(model):
+            raise TrainingDiverged(
+                f"The weights became non-finite by step {step}; stopped, "
+                f"{describe_saved()}. Try a lower --learning-rate."
+            )
+
+    def save(step: int, numbered: bool = True):
+        save_checkpoint(
+            folder,
+            model,
+            step=step,
+            optimizer=optimizer,
+            optimizer_name=optimizer_name,
+            numbered=numbered,
+            config=adapter_config(args, model),
+        )
+        last_saved[0] = step
 
     def before_step(done: int):
         # dropout masks depend on (seed, step, rank) only: a resumed run draws the
         # same ones, and ranks draw different ones for their different examples
         mx.random.seed((args.seed * 1_000_003 + done) * world.size + world.rank)
-        if writer and done > start and done % args.save_every == 0:
-            save_checkpoint(folder, model, step=done, optimizer=optimizer)
-            ui.log(f"Iter {done}: Saved adapter weights to {folder / ADAPTER_FILE}.")
+        if done > start:
+            ui.advance()
+        if done > start and done % args.save_every == 0:
+            check_finite(done)
+            if writer:
+                save(done)
+                ui.log(f"Iter {done}: Saved adapter weights to {folder / ADAPTER_FILE}.")
 
     def iterate(
         dataset, batch_size, max_seq_length, loop=False, seed=None, comm_group=None
@@ -489,10 +763,14 @@ def train_model(
         log,
         rich=None if world.main else False,
     )
-    callback = ui
+    callbacks = [_StopOnNonFinite(start, describe_saved), ui]
     if training_callback is not None:
-        callback = _Both(ui, training_callback)
-    tmp_file = folder / f".mlx-lm-final-{ADAPTER_FILE}"
+        callbacks.append(training_callback)
+    # mlx-lm saves its own copy of the final weights; ours (with the optimizer
+    # state) is the one that counts, so its copy goes to a scratch file
+    scratch = folder / f".final-{ADAPTER_FILE}"
+    # (rank 0 alone writes it; atomic_file turns a failed write into one line)
+    scratch_file = atomic_file(scratch) if writer else contextlib.nullcontext(scratch)
     targs = lm_trainer.TrainingArgs(
         batch_size=args.batch_size,
         iters=args.iters - start,
@@ -501,7 +779,7 @@ def train_model(
         steps_per_eval=args.steps_per_eval,
         steps_per_save=args.iters + 1,  # we save (atomically, with state) ourselves
         max_seq_length=args.max_seq_length,
-        adapter_file=str(tmp_file),
+        adapter_file=str(scratch),
         grad_checkpoint=args.grad_checkpoint,
         grad_accumulation_steps=args.grad_accumulation_steps,
         clear_cache_threshold=args.clear_cache_threshold,
@@ -514,28 +792,30 @@ def train_model(
                 world, args.batch_size, args.grad_accumulation_steps, args.learning_rate
             )
         )
-    try:
-        with guard(world, args.dist_timeout, folder, "training") as dog:
-            check_same_start(world, model, train_set)
-            with _mlx_lm_ui(ui), _restore_layer_call(model):
-                lm_trainer.train(
-                    model,
-                    optimizer,
-                    train_set,
-                    valid_set,
-                    args=targs,
-                    loss=loss,
-                    iterate_batches=petting(iterate, dog),
-                    training_callback=callback,
-                )
-    finally:
-        tmp_file.unlink(missing_ok=True)
-    if writer:
-        numbered = args.iters % args.save_every == 0
-        save_checkpoint(
-            folder, model, step=args.iters, optimizer=optimizer, numbered=numbered
-        )
-        log(f"Saved final weights to {folder / ADAPTER_FILE}.")
+    with _new_folder(folder, writer):
+        try:
+            with guard(world, args.dist_timeout, folder, "training") as dog:
+                check_same_start(world, model, train_set)
+                with ui, _quiet_mlx_lm_console(), _restore_layer_call(model):
+                    with scratch_file as tmp:
+                        targs.adapter_file = str(tmp)
+                        lm_trainer.train(
+                            model,
+                            optimizer,
+                            train_set,
+                            valid_set,
+                            args=targs,
+                            loss=loss,
+                            iterate_batches=petting(iterate, dog),
+                            training_callback=_Callbacks(*callbacks),
+                        )
+        finally:
+            if writer:
+                scratch.unlink(missing_ok=True)
+        check_finite(args.iters)
+        if writer:
+            save(args.iters, numbered=args.iters % args.save_every == 0)
+            log(f"Saved final weights to {folder / ADAPTER_FILE}.")
     result.history, result.val_history = ui.history, ui.val_history
     return result
 
@@ -544,7 +824,7 @@ def _silent(*_):
     pass
 
 
-class _Both(TrainingCallback):
+class _Callbacks(TrainingCallback):
     def __init__(self, *callbacks):
         self.callbacks = callbacks
 
@@ -575,6 +855,31 @@ def evaluate_model(args: LoraArgs, model, dataset, num_batches: int) -> float:
     return loss
 
 
+def describe_test_loss(loss: float, vocab_size: int) -> str:
+    """``Test loss …, Test ppl …``; the perplexity only where it means something
+    (a finite loss below ``ln(vocab_size)``, i.e. better than uniform guessing)."""
+    if not math.isfinite(loss):
+        return f"Test loss {loss}, Test ppl n/a (the loss is not finite)."
+    if loss > math.log(vocab_size):
+        return (
+            f"Test loss {loss:.3f}, Test ppl omitted (above the vocabulary size "
+            f"{vocab_size}: worse than uniform guessing)."
+        )
+    return f"Test loss {loss:.3f}, Test ppl {math.exp(loss):.3f}."
+
+
+def _config_layers(model: str) -> Optional[int]:
+    """``num_hidden_layers`` from a local model folder's config.json (None when it
+    cannot tell), to check --num-layers before anything heavy loads."""
+    try:
+        cfg = json.loads(Path(model, "config.json").read_text(encoding="utf-8"))
+        text = cfg.get("text_config") or {}  # Qwen3.5 nests it
+        n = cfg.get("num_hidden_layers", text.get("num_hidden_layers"))
+    except (OSError, ValueError, AttributeError):
+        return None
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+
+
 def run(args: LoraArgs, log=print, training_callback=None) -> RunResult:
     """Load the model and data of ``args``, then train and/or test."""
     from ..utils import load
@@ -583,6 +888,21 @@ def run(args: LoraArgs, log=print, training_callback=None) -> RunResult:
     world = init_world(args.dist_timeout)  # a group of one unless mlx.launch ran us
     if not world.main:
         log = _silent  # rank 0 speaks for all; errors still reach every rank's stderr
+    data_dir = Path(args.data)
+    if not data_dir.is_dir():
+        raise FileNotFoundError(
+            "--data must be a folder with train.jsonl/valid.jsonl/test.jsonl, got "
+            f"{args.data}."
+        )
+    for split, wanted in (("train", args.train), ("test", args.test)):
+        if wanted and not (data_dir / f"{split}.jsonl").is_file():
+            raise FileNotFoundError(f"No {split}.jsonl in {args.data}.")
+    saved = None
+    if not args.train and Path(args.adapter_path, CONFIG_FILE).is_file():
+        saved = read_adapter_config(args.adapter_path)
+    layers = _config_layers(args.model) if args.train else None
+    if layers is not None:
+        fit_num_layers(args, layers, log)
     np.random.seed(args.seed)
     log("Loading pretrained model")
     model, tokenizer = load(args.model)
@@ -590,9 +910,23 @@ def run(args: LoraArgs, log=print, training_callback=None) -> RunResult:
     splits = (["train", "valid"] if args.train else []) + (
         ["test"] if args.test else []
     )
-    options = DataOptions(
-        args.wait_k, args.auditor_wait, args.system_prompt, args.skip_invalid
-    )
+    options = args.data_options(saved)
+    if saved is not None:
+        used = {
+            "wait_k": options.wait_k,
+            "auditor_wait": options.auditor_wait,
+            "system_prompt": options.system,
+        }
+        reused = {
+            k: v
+            for k, v in used.items()
+            if getattr(args, k) is None and saved.get(k) is not None
+        }
+        if reused:
+            log(
+                f"Data settings from {Path(args.adapter_path, CONFIG_FILE)}: "
+                + ", ".join(f"{k}={v!r}" for k, v in reused.items())
+            )
     data = load_datasets(
         args.data,
         tokenizer,
@@ -605,8 +939,6 @@ def run(args: LoraArgs, log=print, training_callback=None) -> RunResult:
     )
     result = RunResult(adapter_path=Path(args.adapter_path))
     if args.train:
-        if data["train"] is None:
-            raise FileNotFoundError(f"No train.jsonl in {args.data}.")
         if data["valid"] is None:
             log(
                 f"[WARNING] No valid.jsonl in {args.data}: training without validation."
@@ -620,12 +952,8 @@ def run(args: LoraArgs, log=print, training_callback=None) -> RunResult:
     else:
         log(f"No adapters in {args.adapter_path}: testing the base model.")
     if args.test:
-        if data["test"] is None:
-            raise FileNotFoundError(f"No test.jsonl in {args.data}.")
         log("Testing")
         model.eval()
         result.test_loss = evaluate_model(args, model, data["test"], args.test_batches)
-        log(
-            f"Test loss {result.test_loss:.3f}, Test ppl {math.exp(min(result.test_loss, 50)):.3f}."
-        )
+        log(describe_test_loss(result.test_loss, model.args.vocab_size))
     return result
