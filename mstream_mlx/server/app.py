@@ -10,7 +10,7 @@ Endpoints (docs/server.md has the JSON of each):
 
 ======  ==================================  ==========================================
 GET     /                                   the live page (page.html)
-GET     /health                             ``{"status": "ok"}``
+GET     /health                             ``{"status": "ok", "sessions": n}``
 GET     /v1/models                          the served model and its streams
 POST    /v1/chat/completions                OpenAI chat completion, ``"stream"`` or not
 POST    /v1/sessions                        a live session (201)
@@ -160,6 +160,8 @@ class Handler(BaseHTTPRequestHandler):
             body = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise HTTPError(400, f"Invalid JSON in request body: {e}")
+        except RecursionError:
+            raise HTTPError(400, "Invalid JSON in request body: nested too deeply.")
         if not isinstance(body, dict):
             raise HTTPError(400, f"The request body must be a JSON object, got {type(body).__name__}.")
         return body
@@ -178,10 +180,22 @@ class Handler(BaseHTTPRequestHandler):
             pass
         self.close_connection = True
 
+    def handle(self):
+        try:
+            super().handle()
+        except (ConnectionError, socket.timeout):  # the client left: nothing to answer
+            self.close_connection = True
+
     def _dispatch(self, method: str):
         path = self.path.split("?", 1)[0].split("#", 1)[0]
         if len(path) > 1:
             path = path.rstrip("/")
+        try:
+            self._answer(method, path)
+        except (ConnectionError, socket.timeout):  # the client left while we answered
+            self.close_connection = True
+
+    def _answer(self, method: str, path: str):
         try:
             self._route(method, path)
         except HTTPError as e:
@@ -193,14 +207,11 @@ class Handler(BaseHTTPRequestHandler):
             self._error(400, " ".join(str(e).split()))
         except RuntimeError as e:  # e.g. feeding a session that has finished
             self._error(409, " ".join(str(e).split()))
-        except (BrokenPipeError, ConnectionResetError, socket.timeout):
-            self.close_connection = True
+        except (ConnectionError, socket.timeout):
+            raise
         except Exception as e:  # a bug: one line to the client, the traceback to the log
             log.exception("request %s %s failed", method, path)
-            try:
-                self._error(500, f"Internal error: {type(e).__name__}: {e}")
-            except OSError:
-                pass
+            self._error(500, f"Internal error: {type(e).__name__}: {e}")
 
     def do_GET(self):
         self._dispatch("GET")
@@ -221,7 +232,7 @@ class Handler(BaseHTTPRequestHandler):
         if method == "GET" and path == "/":
             return self._send(200, self.server.page, "text/html; charset=utf-8")
         if method == "GET" and path == "/health":
-            return self._json(200, {"status": "ok"})
+            return self._json(200, {"status": "ok", "sessions": self.server.worker.count()})
         if method == "GET" and path == "/v1/models":
             w = self.server.worker
             return self._json(200, models_list(self.server.cfg.model_id, w.model.streams,

@@ -13,6 +13,7 @@ reader falls ``MAX_BACKLOG`` events behind is not stepped until the reader catch
 so a slow client slows only its own session and memory stays bounded.
 """
 
+import atexit
 import itertools
 import secrets
 import threading
@@ -93,11 +94,14 @@ class Worker:
         self._ready = threading.Event()
         self._error: Optional[BaseException] = None
         self._ids = itertools.count(1)
+        self._quit = False
+        self._parked = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mlx-worker", daemon=True)
 
     # ---------------------------------------------------------------- any thread
     def start(self):
         """Start the worker and wait until the model is loaded (its error re-raised)."""
+        atexit.register(self.park)
         self._thread.start()
         self._ready.wait()
         if self._error is not None:
@@ -139,6 +143,11 @@ class Worker:
             self.cond.notify_all()
         return live
 
+    def count(self) -> int:
+        """Sessions held (live ones and running completions)."""
+        with self.cond:
+            return len(self.lives)
+
     def get(self, sid: str) -> Optional[Live]:
         with self.cond:
             return self.lives.get(sid)
@@ -165,6 +174,18 @@ class Worker:
             self.cond.notify_all()  # a session held back by MAX_BACKLOG may go on
             return out
 
+    def park(self, timeout: float = 5.0):
+        """Stop stepping and park the worker (after the step in flight); at exit.
+
+        MLX 0.32 may abort at exit when a thread that ran MLX work ends, or wakes while
+        the interpreter shuts down (ml-explore/mlx#3126): the worker waits, parked, for
+        the process to end instead."""
+        with self.cond:
+            self._quit = True
+            self.cond.notify_all()
+        if self._thread.is_alive():
+            self._parked.wait(timeout)
+
     def leave(self, live: Live):
         """The reader is gone (finished or disconnected): the session is freed."""
         self.update(live, reader="gone")
@@ -178,6 +199,7 @@ class Worker:
             self._ready.set()
         # MLX 0.32 may abort at exit when a thread that ran MLX work has ended
         # (ml-explore/mlx#3126): park the daemon thread instead of returning.
+        self._parked.set()
         threading.Event().wait()
 
     def _work(self):
@@ -187,9 +209,11 @@ class Worker:
             self.cfg.model, adapter_path=self.cfg.adapter_path
         )
         self._ready.set()
-        while True:
+        while not self._quit:
             self._run_calls()
             with self.cond:
+                if self._quit:
+                    return
                 now = time.monotonic()
                 self._reap(now)
                 due = [v for v in self.lives.values() if v is not None and v.due(now)]
