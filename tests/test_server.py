@@ -293,6 +293,14 @@ def test_live_blocks_session_takes_interrupts_and_closes(blocks):
     assert status in (404, 409)
 
 
+def test_loadtest_measures_every_session(rows):
+    from mstream_mlx.server.loadtest import measure
+
+    rates = measure(*rows.server_address[:2], sessions=2, steps=20)
+    assert len(rates) == 2 and all(r > 0 for r in rates)
+    assert wait_for(lambda: sessions(rows) == 0)
+
+
 def test_sessions_run_concurrently(blocks):
     """Three clients at once on one worker: every session advances."""
     ids = [request(blocks, "POST", "/v1/sessions", {"paused": False})[1]["id"]
@@ -325,6 +333,9 @@ def test_errors_have_status_and_message(blocks):
     assert status == 413 and "over the limit of 4096" in body["error"]["message"]
     status, body = request(blocks, "POST", "/v1/sessions", {"tick": -1})
     assert status == 400 and "tick" in body["error"]["message"]
+    status, body = request(blocks, "POST", "/v1/sessions", raw=b"2\r\n{}\r\n0\r\n\r\n",
+                           headers={"Transfer-Encoding": "chunked"})
+    assert status == 411 and "Content-Length" in body["error"]["message"]
 
 
 def test_too_many_sessions_is_429_and_a_second_reader_409(blocks):

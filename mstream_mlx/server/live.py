@@ -40,13 +40,16 @@ class TooManySessions(Exception):
 class Live:
     """One session on the worker plus what its HTTP side needs.
 
-    Every field but ``session`` is guarded by the worker's condition lock; ``session``
-    is only stepped, built and dropped on the worker (``feed``/``stop``/``close`` are
-    thread-safe and may come from anywhere).
+    Every field but ``session`` is guarded by the worker's lock; ``session`` is only
+    stepped, built and dropped on the worker (``feed``/``stop``/``close`` are
+    thread-safe and may come from anywhere).  ``ready`` wakes this session's reader
+    alone, so N readers are not all woken by every step of every session.
     """
 
-    def __init__(self, sid: str, session: Session, names: List[str], tick: float):
+    def __init__(self, sid: str, session: Session, names: List[str], tick: float,
+                 lock: threading.Lock):
         self.id = sid
+        self.ready = threading.Condition(lock)
         self.session: Optional[Session] = session
         self.names = names  # the streams of an event (generate's jsonl)
         self.tick = tick
@@ -87,7 +90,8 @@ class Worker:
 
     def __init__(self, cfg: ServerConfig):
         self.cfg = cfg
-        self.cond = threading.Condition()
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)  # wakes the worker
         self.lives: Dict[str, Live] = {}
         self.model = self.tokenizer = None
         self._calls: Deque = deque()
@@ -136,7 +140,7 @@ class Worker:
             with self.cond:
                 del self.lives[sid]
             raise
-        live = Live(sid, session, shown_streams(self.model.streams), tick)
+        live = Live(sid, session, shown_streams(self.model.streams), tick, self.lock)
         live.paused = paused
         with self.cond:
             self.lives[sid] = live
@@ -165,13 +169,13 @@ class Worker:
     def take(self, live: Live, timeout: float) -> List[StepEvent]:
         """Wait up to ``timeout`` s for ``live``'s events and take them (``[]`` on
         timeout or when the session has ended with nothing left to read)."""
-        with self.cond:
-            if not live.events and not live.done:
-                self.cond.wait(timeout)
+        with self.lock:
+            live.ready.wait_for(lambda: live.events or live.done, timeout)
+            if len(live.events) >= MAX_BACKLOG:
+                self.cond.notify_all()  # the session held back may go on
             out = list(live.events)
             live.events.clear()
             live.touched = time.monotonic()
-            self.cond.notify_all()  # a session held back by MAX_BACKLOG may go on
             return out
 
     def park(self, timeout: float = 5.0):
@@ -253,7 +257,7 @@ class Worker:
                 live.done = True
                 live.error = error
                 live.finish_reason = "error" if error else live.session.finish_reason
-            self.cond.notify_all()
+            live.ready.notify_all()
 
     def _reap(self, now: float):
         """Drop sessions whose reader left, and unread ones idle past ``idle_timeout``."""
@@ -265,7 +269,7 @@ class Worker:
                 del self.lives[sid]
                 live.done = True
                 live.session = None  # the last reference: its arrays go on this thread
-                self.cond.notify_all()
+                live.ready.notify_all()
 
     def _sleep(self, now: float) -> float:
         waits = [
