@@ -50,6 +50,10 @@ def server_command(
         [], "--head-prefill",
         help="Blocks: text after 'assistant\\n' for each head, repeatable in head order.",
     ),
+    no_stop_all: bool = typer.Option(
+        False, "--no-stop-all",
+        help="Blocks: the last head's <|im_end|> does not stop the other heads.",
+    ),
     tick: float = typer.Option(
         0.2, "--tick", help="Live sessions' default seconds per timestep (0 = full speed)."
     ),
@@ -93,7 +97,8 @@ def _run(a: dict):
         repetition_penalty=a["repetition_penalty"], presence_penalty=a["presence_penalty"],
         sampler=a["sampler"], seed=a["seed"], max_tokens=a["max_tokens"],
         max_steps=a["max_steps"], system_prompt=a["system_prompt"],
-        head_prefill=tuple(a["head_prefill"]), tick=a["tick"],
+        head_prefill=tuple(a["head_prefill"]), stop_all_on_last_head=not a["no_stop_all"],
+        tick=a["tick"],
         max_sessions=a["max_sessions"], max_body=a["max_body"],
         idle_timeout=a["idle_timeout"],
     )

@@ -10,8 +10,13 @@ assistant, auditor) cover both layouts."""
 
 import http.client
 import json
+import os
 import random
+import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -471,3 +476,24 @@ def test_cli_bad_flags_are_one_line_errors(tmp_path):
     assert res.exit_code == 1 and "--sampler must be one of" in res.output
     res = runner.invoke(app, ["server", "--tick", "-1", "--port", "0"])
     assert res.exit_code == 1 and "--tick must be >= 0" in res.output
+
+
+def test_cli_serves_and_exits_cleanly_on_ctrl_c(blocks_folder):
+    """The command end to end: flags reach the server, and Ctrl-C exits 0 (the worker
+    parks, so MLX does not abort at exit)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mstream_mlx.cli.main", "server", "--model", str(blocks_folder),
+         "--port", "0", "--max-tokens", "5", "--log-level", "WARNING"],
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        line = proc.stderr.readline()
+        url = re.search(r"on (http://127\.0\.0\.1:\d+)", line)
+        assert url, line
+        c = openai.OpenAI(base_url=url.group(1) + "/v1", api_key="none", timeout=20)
+        r = c.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+        assert r.usage.model_extra["streams"] == {"assistant": 5, "auditor": 5}
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(20) == 0, proc.stderr.read()
+    finally:
+        proc.kill()

@@ -54,6 +54,14 @@ class HTTPError(Exception):
         self.status = status
 
 
+class BodyTooLarge(HTTPError):
+    """413; the unread body (``length`` bytes) is drained after the answer."""
+
+    def __init__(self, length: int, limit: int):
+        super().__init__(413, f"Request body of {length} bytes is over the limit of {limit}.")
+        self.length = length
+
+
 class Server(ThreadingHTTPServer):
     """A ``ThreadingHTTPServer`` that holds the worker, the settings and the page."""
 
@@ -128,8 +136,13 @@ class Handler(BaseHTTPRequestHandler):
     def _client_gone(self) -> bool:
         """The client closed its end (it sends nothing after its request)."""
         try:
-            readable, _, _ = select.select([self.connection], [], [], 0)
-            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+            if hasattr(select, "poll"):  # no FD_SETSIZE limit, unlike select()
+                poll = select.poll()
+                poll.register(self.connection, select.POLLIN)
+                readable = bool(poll.poll(0))
+            else:
+                readable = bool(select.select([self.connection], [], [], 0)[0])
+            return readable and self.connection.recv(1, socket.MSG_PEEK) == b""
         except OSError:
             return True
 
@@ -146,11 +159,8 @@ class Handler(BaseHTTPRequestHandler):
                 raise ValueError
         except ValueError:
             raise HTTPError(400, f"Invalid Content-Length header {raw_length!r:.40}.")
-        limit = self.server.cfg.max_body
-        if length > limit:
-            self._error(413, f"Request body of {length} bytes is over the limit of {limit}.")
-            self._drain(length)
-            raise HTTPError(0, "")  # answered
+        if length > self.server.cfg.max_body:
+            raise BodyTooLarge(length, self.server.cfg.max_body)
         raw = self.rfile.read(length) if length else b""
         if len(raw) < length:
             raise HTTPError(400, f"Request body truncated: got {len(raw)} of {length} bytes.")
@@ -199,8 +209,9 @@ class Handler(BaseHTTPRequestHandler):
         try:
             self._route(method, path)
         except HTTPError as e:
-            if e.status:
-                self._error(e.status, str(e))
+            self._error(e.status, str(e))
+            if isinstance(e, BodyTooLarge):
+                self._drain(e.length)
         except TooManySessions as e:
             self._error(429, str(e))
         except ValueError as e:

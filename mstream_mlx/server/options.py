@@ -34,6 +34,7 @@ class ServerConfig:
         system_prompt: the default system prompt (blocks: the system block; rows: read
             first on the user stream).
         head_prefill: blocks: text after ``assistant\\n`` for each head.
+        stop_all_on_last_head: blocks: the last head's stop token stops every head.
         tick: live sessions' default seconds per timestep (0: as fast as the model goes).
         max_sessions: sessions (live ones and running completions) at once; one more is 429.
         max_body: request bodies larger than this many bytes are 413.
@@ -57,6 +58,7 @@ class ServerConfig:
     max_steps: Optional[int] = None
     system_prompt: Optional[str] = None
     head_prefill: Sequence[str] = field(default_factory=tuple)
+    stop_all_on_last_head: bool = True
     tick: float = 0.2
     max_sessions: int = 8
     max_body: int = 1 << 20
@@ -132,7 +134,8 @@ def session_kwargs(
     if blocks:
         kwargs["max_steps"] = cfg.max_steps
         kwargs["blocks"] = BlocksOptions(
-            head_prefill=tuple(cfg.head_prefill), close_user=not live
+            head_prefill=tuple(cfg.head_prefill), close_user=not live,
+            stop_all_on_last_head=cfg.stop_all_on_last_head,
         )
     elif live:
         kwargs.update(max_steps=LIVE_ROWS_STEPS, interactive=True)
