@@ -182,6 +182,23 @@ def test_rows_streamed_completion_equals_the_whole(rows):
     assert len({ch.id for ch in chunks}) == 1
 
 
+def test_stop_strings_end_the_content(rows):
+    """A stop string ends the content and is left out, streamed or not; text that might
+    start one is held back until it cannot."""
+    c = client(rows)
+    messages = [{"role": "user", "content": SUM}]  # 5 3 12
+    for stop in (" 12", ["3 1", "zzz"]):
+        whole = c.chat.completions.create(model="m", messages=messages, stop=stop)
+        chunks = list(c.chat.completions.create(model="m", messages=messages, stop=stop,
+                                                stream=True))
+        streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks)
+        want = "5 3" if stop == " 12" else "5 "
+        assert whole.choices[0].message.content == streamed == want
+        assert whole.choices[0].finish_reason == chunks[-1].choices[0].finish_reason == "stop"
+    with pytest.raises(openai.BadRequestError, match="'stop' must be"):
+        c.chat.completions.create(model="m", messages=messages, stop=[""])
+
+
 def test_blocks_completion_reads_system_and_user_blocks(blocks, blocks_folder):
     """Blocks: the system message is the system block, the user message the user block;
     the same texts as the library's generate, streamed or not."""
@@ -333,8 +350,8 @@ def test_errors_have_status_and_message(blocks):
     assert status == 404 and "No session" in body["error"]["message"]
     status, body = request(blocks, "POST", "/v1/sessions/s99-deadbeef/input", {"text": "hi"})
     assert status == 404
-    status, body = request(blocks, "POST", "/v1/chat/completions",
-                           raw=json.dumps({"messages": [{"role": "user", "content": "x" * 5000}]}).encode())
+    big = {"messages": [{"role": "user", "content": "x" * 5000}]}
+    status, body = request(blocks, "POST", "/v1/chat/completions", big)
     assert status == 413 and "over the limit of 4096" in body["error"]["message"]
     status, body = request(blocks, "POST", "/v1/sessions", {"tick": -1})
     assert status == 400 and "tick" in body["error"]["message"]
@@ -373,7 +390,8 @@ def test_a_client_that_disconnects_frees_its_session(rows):
     assert wait_for(lambda: request(rows, "GET", f"/v1/sessions/{sid}")[0] == 404, 5)
     # a streamed completion whose client leaves mid-answer frees its slot too
     sock = socket.create_connection((host, port), timeout=10)
-    body = json.dumps({"stream": True, "messages": [{"role": "user", "content": " ".join([SUM] * 30)}]})
+    long = " ".join([SUM] * 30)
+    body = json.dumps({"stream": True, "messages": [{"role": "user", "content": long}]})
     sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: "
                  f"{len(body)}\r\n\r\n{body}".encode())
     assert b"chat.completion.chunk" in sock.recv(4096) + sock.recv(4096)
@@ -459,7 +477,8 @@ def test_fuzz_leaves_the_server_answering(fuzzed):
         statuses[code] = statuses.get(code, 0) + 1
     # every answer is a client error or a success, never a 500; only random bytes and
     # requests cut short (kinds 0 and 5, 100 of them) may get no answer at all
-    assert set(statuses) <= {"none", "200", "201", "400", "404", "411", "413", "429", "501"}, statuses
+    known = {"none", "200", "201", "400", "404", "411", "413", "429", "501"}
+    assert set(statuses) <= known, statuses
     assert statuses.get("none", 0) <= 100 and statuses.get("400", 0) >= 50, statuses
     assert wait_for(lambda: sessions(blocks) == 0)
     resp = client(blocks).chat.completions.create(

@@ -37,7 +37,7 @@ from mstream_mlx import Session
 from mstream_mlx.generate import feed_prompt
 
 from .live import Live, TooManySessions, Worker
-from .openai_api import Completion, models_list, prompt_from_messages
+from .openai_api import Completion, models_list, prompt_from_messages, stop_strings
 from .options import ServerConfig, number, session_kwargs, text
 
 log = logging.getLogger("mstream_mlx.server")
@@ -173,7 +173,8 @@ class Handler(BaseHTTPRequestHandler):
         except RecursionError:
             raise HTTPError(400, "Invalid JSON in request body: nested too deeply.")
         if not isinstance(body, dict):
-            raise HTTPError(400, f"The request body must be a JSON object, got {type(body).__name__}.")
+            kind = type(body).__name__
+            raise HTTPError(400, f"The request body must be a JSON object, got {kind}.")
         return body
 
     def _drain(self, length: int):
@@ -284,6 +285,7 @@ class Handler(BaseHTTPRequestHandler):
         options = body.get("stream_options") or {}
         if not isinstance(options, dict):
             raise ValueError("'stream_options' must be an object.")
+        stops = stop_strings(body.get("stop"))
         model, tokenizer = worker.model, worker.tokenizer
         kwargs = session_kwargs(model, cfg, body, live=False)
 
@@ -294,9 +296,10 @@ class Handler(BaseHTTPRequestHandler):
 
         spec = model.streams
         comp = Completion([spec.names[c] for c in spec.inputs],
-                          [spec.names[c] for c in spec.outputs], cfg.model_id, stream)
+                          [spec.names[c] for c in spec.outputs], cfg.model_id, stream, stops)
         live = worker.add(make, tick=0.0, paused=False)
         worker.update(live, reader="attached")
+        session = live.session
         try:
             if stream:
                 self._start_events()
@@ -305,6 +308,8 @@ class Handler(BaseHTTPRequestHandler):
                     return
                 for event in worker.take(live, KEEPALIVE):
                     deltas = comp.add(event)
+                    if comp.stopped:
+                        session.stop()  # a stop string: the run ends at the next step
                     chunk = comp.chunk(deltas) if stream else None
                     if chunk is not None:
                         self._sse(json.dumps(chunk, ensure_ascii=False))

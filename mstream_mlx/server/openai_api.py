@@ -10,11 +10,24 @@ stream.  Field names follow OpenAI and mlx_lm.server (``chat.completion``,
 
 import time
 import uuid
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from mstream_mlx import StepEvent
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
+MAX_STOP = 16  # stop strings a request may give
+
+
+def stop_strings(value: Any) -> List[str]:
+    """The request's ``stop``: null, a string or a list of strings."""
+    if value is None:
+        return []
+    items = [value] if isinstance(value, str) else value
+    if not (isinstance(items, list) and all(isinstance(v, str) and v for v in items)):
+        raise ValueError("'stop' must be a non-empty string or a list of them.")
+    if len(items) > MAX_STOP:
+        raise ValueError(f"'stop' has {len(items)} strings; at most {MAX_STOP}.")
+    return items
 
 
 def message_text(message: Any, i: int) -> Tuple[str, str]:
@@ -74,9 +87,13 @@ class Completion:
             ``content``).
         model_id: echoed in every response.
         stream: chunks (``chat.completion.chunk``) rather than one response.
+        stop: strings that end the ``content`` (left out of it, as OpenAI does); the
+            last ``len(longest) - 1`` characters are held back from the stream until
+            they cannot start one.
     """
 
-    def __init__(self, inputs: List[str], outputs: List[str], model_id: str, stream: bool):
+    def __init__(self, inputs: List[str], outputs: List[str], model_id: str, stream: bool,
+                 stop: Sequence[str] = ()):
         self.inputs = inputs
         self.outputs = outputs
         self.model_id = model_id
@@ -88,20 +105,37 @@ class Completion:
         self.read = 0  # input tokens read during decode (rows read the prompt there)
         self.prompt_tokens = 0  # prefilled tokens
         self.finish_reason: Optional[str] = None
+        self.stop = list(stop)
+        self.stopped = False  # a stop string ended the content
+        self._hold = max(map(len, self.stop), default=1) - 1
+        self._sent = 0  # content characters handed out as deltas
         self._sent_role = False
 
     def add(self, event: StepEvent) -> Dict[str, str]:
         """Take one event; returns its text deltas of the output streams."""
         self.prompt_tokens = event.prompt_tokens
         self.read += sum(event.tokens[n] is not None for n in self.inputs if n in event.tokens)
+        first = self.outputs[0]
         deltas = {}
         for n in self.outputs:
             if event.tokens.get(n) is not None:
                 self.tokens[n] += 1
-            if event.text.get(n):
+            if n != first and event.text.get(n):
                 deltas[n] = event.text[n]
                 self.texts[n] += event.text[n]
-        if event.finish_reason:
+        if not self.stopped:
+            self.texts[first] += event.text.get(first, "")
+            hits = [i for i in map(self.texts[first].find, self.stop) if i >= 0]
+            if hits:
+                self.texts[first] = self.texts[first][: min(hits)]
+                self.stopped, self.finish_reason = True, "stop"
+        content = self.texts[first]
+        end = self.stopped or event.finish_reason
+        upto = len(content) if end else max(self._sent, len(content) - self._hold)
+        if upto > self._sent:
+            deltas[first] = content[self._sent : upto]
+            self._sent = upto
+        if event.finish_reason and not self.stopped:
             self.finish_reason = event.finish_reason
         return deltas
 
@@ -138,7 +172,9 @@ class Completion:
         out["usage"] = self.usage()
         return out
 
-    def chunk(self, deltas: Mapping[str, str], finish_reason: Optional[str] = None) -> Optional[dict]:
+    def chunk(
+        self, deltas: Mapping[str, str], finish_reason: Optional[str] = None
+    ) -> Optional[dict]:
         """A ``chat.completion.chunk`` for ``deltas`` (``None`` if there is nothing to say)."""
         first = self.outputs[0]
         delta: Dict[str, Any] = {}
