@@ -1,6 +1,7 @@
 # Copyright © 2026 mstream-mlx contributors.
 """The live page of ``mstream-mlx server`` in a real headless Chromium: type into the
-text box, watch every stream update, type again while the model talks.
+text box, watch every stream update, type again while the model talks (the bundled
+rows model, and a tiny blocks model whose user block stays open until End input).
 
 Chromium is driven over its DevTools protocol on a pipe (``--remote-debugging-pipe``:
 JSON messages separated by NUL bytes on file descriptors 3 and 4), so the test needs
@@ -144,15 +145,16 @@ def run_page(shot: Path):
         assert browser.js(column("User")).split() == ["add", "five", "minus", "two"]
         assert browser.js(column("Thinking")).split() == ["+5", "-2"]
         # the box is cleared and keeps the focus: type again while the clock runs
-        assert browser.js("document.activeElement.id + '|' + document.getElementById('say').value") \
-            == "say|"
+        focus = "document.activeElement.id + '|' + document.getElementById('say').value"
+        assert browser.js(focus) == "say|"
         t0 = browser.js("document.getElementById('status').textContent")
         browser.type("add nine")
         browser.wait(f"{column('Output')}.includes('12')")
         assert browser.js(column("User")).split()[-2:] == ["add", "nine"]
         assert browser.js("document.getElementById('status').textContent") != t0
         # the Output ticker shows a cell per timestep (silence as "-"), capped at 24
-        assert browser.js("document.querySelectorAll('.stream[data-stream=\"Output\"] .ticker span').length") >= 10
+        cells = "document.querySelectorAll('.stream[data-stream=\"Output\"] .ticker span')"
+        assert browser.js(cells + ".length") >= 10
         browser.type("minus four")
         browser.wait(f"{column('Output')}.includes('8')")
         time.sleep(0.3)
@@ -164,6 +166,34 @@ def run_page(shot: Path):
         t1 = browser.js("document.getElementById('status').textContent")
         time.sleep(0.4)
         assert browser.js("document.getElementById('status').textContent") == t1
+    finally:
+        browser.close()
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (CI installs it)")
+def test_page_on_a_blocks_model_reads_until_end_input(tiny_checkpoint):
+    """Blocks: the heads answer while the user block stays open for more text; the
+    End input button closes it and the heads finish."""
+    from mstream_mlx.server import ServerConfig, make_server
+
+    folder = tiny_checkpoint("qwen3", "blocks", num_channels=4)
+    server = make_server(ServerConfig(model=str(folder), port=0, tick=0.02, max_tokens=60))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    browser = Browser()
+    try:
+        browser.call("Page.navigate", url=server.url + "/")
+        browser.wait("document.querySelectorAll('.stream').length === 3")
+        assert browser.js("document.getElementById('close').hidden") is False
+        browser.js("document.getElementById('say').focus()")
+        browser.type("what is two plus two")
+        browser.wait(f"{column('assistant')}.length > 0")
+        browser.type("and three")  # while the heads answer: the block is still open
+        browser.wait(f"{column('user')} === 'what is two plus two and three'")
+        browser.js("document.getElementById('close').click()")
+        browser.wait("document.getElementById('status').textContent.includes('finished')")
+        assert browser.js(column("auditor"))
     finally:
         browser.close()
         server.shutdown()
