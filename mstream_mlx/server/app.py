@@ -77,6 +77,11 @@ class Server(ThreadingHTTPServer):
         self.address_family, _, _, _, address = infos[0]
         super().__init__(address, Handler)
 
+    def server_close(self):
+        """Close the socket and park the worker: no session steps after this."""
+        super().server_close()
+        self.worker.park()
+
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]

@@ -115,6 +115,8 @@ class Worker:
         """Run ``fn()`` on the worker thread and return its result (or raise its error)."""
         fut: Future = Future()
         with self.cond:
+            if self._quit:
+                raise RuntimeError("The server is shutting down.")
             self._calls.append((fn, fut))
             self.cond.notify_all()
         return fut.result()
@@ -179,7 +181,8 @@ class Worker:
             return out
 
     def park(self, timeout: float = 5.0):
-        """Stop stepping and park the worker (after the step in flight); at exit.
+        """Stop stepping and park the worker (after the step in flight): when the
+        server closes, and at exit.
 
         MLX 0.32 may abort at exit when a thread that ran MLX work ends, or wakes while
         the interpreter shuts down (ml-explore/mlx#3126): the worker waits, parked, for
