@@ -486,6 +486,33 @@ def test_fuzz_leaves_the_server_answering(fuzzed):
     assert resp.usage.model_extra["streams"]["assistant"] == 3
 
 
+def test_an_unread_session_is_dropped_after_the_idle_timeout(fuzzed):
+    sid = request(fuzzed, "POST", "/v1/sessions", {"text": "hello"})[1]["id"]
+    assert request(fuzzed, "GET", f"/v1/sessions/{sid}")[0] == 200
+    assert wait_for(lambda: request(fuzzed, "GET", f"/v1/sessions/{sid}")[0] == 404, 5)
+
+
+def test_a_reader_that_falls_behind_holds_its_session_back(rows):
+    """Events nobody takes stop the session at MAX_BACKLOG; taking them lets it go on."""
+    from mstream_mlx import Session
+    from mstream_mlx.server.live import MAX_BACKLOG
+
+    worker = rows.worker
+
+    def make():
+        return Session(worker.model, worker.tokenizer, interactive=True, max_steps=10_000)
+
+    live = worker.add(make, tick=0.0, paused=False)
+    worker.update(live, reader="attached")
+    assert wait_for(lambda: live.t == MAX_BACKLOG)
+    time.sleep(0.3)
+    assert live.t == MAX_BACKLOG
+    assert len(worker.take(live, 1.0)) == MAX_BACKLOG
+    assert wait_for(lambda: live.t > MAX_BACKLOG)
+    worker.leave(live)
+    assert wait_for(lambda: sessions(rows) == 0)
+
+
 # ------------------------------------------------------------------------ CLI
 def test_cli_bad_flags_are_one_line_errors(tmp_path):
     runner = CliRunner()
