@@ -10,7 +10,7 @@ Requests use the OpenAI names (``temperature``, ``top_p``, ``max_tokens``, ``see
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
-from mstream_mlx import BlocksOptions, RowsOptions, SamplingSettings
+from mstream_mlx import BlocksOptions, SamplingSettings
 
 LIVE_ROWS_STEPS = 100_000  # rows: a live session has no row limit worth meeting
 SAMPLERS = ("reference", "mlx")
@@ -140,7 +140,7 @@ def session_kwargs(
     elif live:
         kwargs.update(max_steps=LIVE_ROWS_STEPS, interactive=True)
     else:
-        kwargs.update(max_steps=cfg.max_steps, rows=RowsOptions.for_model(model))
+        kwargs["max_steps"] = cfg.max_steps
     return kwargs
 
 
