@@ -323,6 +323,25 @@ def test_loadtest_measures_every_session(rows):
     assert wait_for(lambda: sessions(rows) == 0)
 
 
+def test_live_events_are_generate_jsonl_lines(blocks, blocks_folder):
+    """One parser serves both: a live session's event lines are the lines
+    `mstream-mlx generate --format jsonl` prints for the same input."""
+    res = CliRunner().invoke(app, ["generate", "--model", str(blocks_folder), "-p",
+                                   "what is two plus two", "-m", "12", "--format", "jsonl"])
+    assert res.exit_code == 0, res.output
+    want = [line for line in res.stdout.splitlines() if line.startswith("{")]
+    sid = request(blocks, "POST", "/v1/sessions",
+                  {"text": "what is two plus two", "paused": True})[1]["id"]
+    ev = Events(blocks, sid)
+    request(blocks, "POST", f"/v1/sessions/{sid}/input", {"close": True})  # then it starts
+    got = []
+    while (line := ev.resp.fp.readline()):
+        if line.startswith(b"data: "):
+            got.append(line[6:].decode().rstrip("\n"))
+    ev.close()
+    assert len(want) > 5 and got == want
+
+
 def test_sessions_run_concurrently(blocks):
     """Three clients at once on one worker: every session advances."""
     ids = [request(blocks, "POST", "/v1/sessions", {"paused": False})[1]["id"]
