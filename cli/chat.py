@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from mstream_mlx.utils import default_model_path
+
 from .common import (
     ADAPTER_PATH,
     MODEL,
@@ -15,7 +17,6 @@ from .common import (
     TEMP,
     TOP_K,
     TOP_P,
-    default_model_path,
     user_errors,
 )
 

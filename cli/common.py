@@ -29,24 +29,6 @@ SEED = typer.Option(None, "--seed", help="Seed of the MLX random generator.")
 REVISION = typer.Option(None, "--revision", help="Hub revision.")
 
 
-# ------------------------------------------------------------- default model
-def default_model_path() -> Path:
-    """The bundled default model folder (``mstream_mlx/assets/default_model``).
-
-    Raises:
-        ValueError: when no default model is bundled.
-    """
-    import mstream_mlx
-
-    path = Path(mstream_mlx.__file__).parent / "assets" / "default_model"
-    if not path.exists():
-        raise ValueError(
-            f"No --model given and no bundled default model at {path}; pass --model "
-            "PATH_OR_HUB_ID."
-        )
-    return path
-
-
 # -------------------------------------------------------------------- errors
 # What a user can get wrong (a value, a path, a file, a full disk).
 USER_ERRORS = (ValueError, OSError)

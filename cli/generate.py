@@ -10,6 +10,8 @@ from typing import Dict, List, Optional
 
 import typer
 
+from mstream_mlx.utils import default_model_path
+
 from .common import (
     ADAPTER_PATH,
     MODEL,
@@ -19,7 +21,6 @@ from .common import (
     TOP_K,
     TOP_P,
     choice,
-    default_model_path,
     user_errors,
 )
 

@@ -46,9 +46,10 @@ from . import fuse as _fuse, lora as _lora  # noqa: E402
 app.command("lora")(_lora.lora)
 app.command("fuse")(_fuse.fuse)
 
-from . import bench as _bench  # noqa: E402
+from . import bench as _bench, server as _server  # noqa: E402
 
 app.command("bench")(_bench.bench_command)
+app.command("server")(_server.server_command)
 
 
 def _prefer_openblas():

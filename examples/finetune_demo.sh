@@ -4,7 +4,7 @@
 # examples/data/demo holds rows-format JSONL written by examples/demo/task.py.
 set -euo pipefail
 OUT=${1:-lora_demo}
-MODEL=$(python -c "from mstream_mlx.cli.common import default_model_path; print(default_model_path())")
+MODEL=$(python -c "from mstream_mlx.utils import default_model_path; print(default_model_path())")
 
 mstream-mlx lora --model "$MODEL" --data examples/data/demo --train --test \
     --iters 20 --batch-size 8 --num-layers -1 --learning-rate 1e-4 \

@@ -11,7 +11,7 @@ import sys
 
 import mstream_mlx
 from mstream_mlx import Session
-from mstream_mlx.cli.common import default_model_path
+from mstream_mlx.utils import default_model_path
 
 # --- settings ---------------------------------------------------------------------
 MODEL = sys.argv[1] if len(sys.argv) > 1 else str(default_model_path())

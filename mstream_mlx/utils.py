@@ -182,3 +182,20 @@ def load(
     if ms["layout"] == ROWS and ms.get("silence_token_id") is None:
         ms["silence_token_id"] = silence_token_id(tokenizer)
     return model, tokenizer
+
+
+def default_model_path() -> Path:
+    """The bundled default model folder (``mstream_mlx/assets/default_model``).
+
+    Raises:
+        ValueError: when no default model is bundled.
+    """
+    import mstream_mlx  # read at call time: the package's location, wherever installed
+
+    path = Path(mstream_mlx.__file__).parent / "assets" / "default_model"
+    if not path.exists():
+        raise ValueError(
+            f"No --model given and no bundled default model at {path}; pass --model "
+            "PATH_OR_HUB_ID."
+        )
+    return path

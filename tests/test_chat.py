@@ -225,7 +225,7 @@ def test_no_default_model_is_one_line_error(monkeypatch, tmp_path):
 
 def test_default_model_answers(monkeypatch):
     """No --model: the bundled demo model runs, says so, and keeps the running total."""
-    from mstream_mlx.cli.common import default_model_path
+    from mstream_mlx.utils import default_model_path
 
     try:
         path = default_model_path()

@@ -50,7 +50,7 @@ BUNDLED = ROOT / "mstream_mlx" / "assets" / "default_model"
 FENCE = re.compile(r"^( *)```(\w*)\n(.*?)^\1```", re.S | re.M)
 MARKER = re.compile(r"<!--\s*(no-test|test-paths|test-data):?\s*(.*?)\s*-->\s*$")
 CHEAP = {"generate", "chat", "version"}  # run in-process on the bundled model
-COMMANDS = ("generate", "chat", "convert", "export", "lora", "fuse", "bench")
+COMMANDS = ("generate", "chat", "convert", "export", "lora", "fuse", "bench", "server")
 
 
 class Snippet:
