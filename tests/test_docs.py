@@ -323,6 +323,8 @@ def test_shell_snippets_use_real_flags_and_files(snippet, help_flags):
 
 NOT_OURS = {  # inline flags in the prose that belong to other tools (or say what is missing)
     "docs/distributed.md": {"--starting-port", "--python", "--verbose", "--backend", "--shard"},
+    # examples/demo/build.py's own flags
+    "docs/demo.md": {"--seed", "--steps", "--limit", "--no-baseline", "--install", "--out"},
 }
 
 
