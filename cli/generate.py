@@ -354,6 +354,7 @@ def generate_command(
 
         import mstream_mlx
         from mstream_mlx import BlocksOptions, RowsOptions, SamplingSettings
+        from mstream_mlx.checks import read_json
         from mstream_mlx.streams import BLOCKS
 
         if seed is not None:
@@ -388,7 +389,7 @@ def generate_command(
                 net,
                 pre_think=pre_think,
                 prefill_rows=(
-                    json.loads(prefill_rows.read_text()) if prefill_rows else None
+                    read_json(prefill_rows, "--prefill-rows") if prefill_rows else None
                 ),
                 seed_words=(
                     [" " + w.strip() for w in seed_words.split(",")]

@@ -11,7 +11,9 @@ import numpy as np
 from .mask import make_mask
 from .plans import LAZY, DecodePlan, Plan, PrefillPlan, Schedule, SeedPlan, Settled
 from .sample import SilencePenalty, quiet_ramp, silence_ramp
+from .checks import check_table
 from .streams import ROWS, rows_to_flat
+from .vocab import check_ids
 
 # paper §7: the seed row's words for the thinking streams (channel 2 onwards).
 SEED_WORDS = (
@@ -165,10 +167,13 @@ class RowsSchedule(Schedule):
         if blocks is not None:
             raise ValueError("blocks options apply to the blocks layout only.")
         opts = rows or RowsOptions.for_model(model)
-        return cls(model.streams, tokenizer, opts, interactive=interactive, **limits)
+        sched = cls(model.streams, tokenizer, opts, interactive=interactive, **limits)
+        check_ids(sched.prefill_table or [], model.args.vocab_size, "A prefill row's token id")
+        return sched
 
     def _table(self, rows) -> List[List[int]]:
         table = []
+        check_table(rows)
         for r, row in enumerate(rows):
             if len(row) != self.C:
                 raise ValueError(

@@ -36,6 +36,7 @@ from .sample import SamplingSettings, StreamSampler, logits_summary
 from .schedules import BlocksOptions, RowsOptions, schedule_class
 from .step import step as forward_step
 from .streams import Flat
+from .vocab import check_ids
 
 __all__ = ["Session", "StepEvent", "generation_stream"]
 
@@ -169,13 +170,8 @@ class Session:
         if isinstance(text_or_tokens, str):
             ids = self.schedule.tokenize(text_or_tokens)
         else:
+            check_ids(list(text_or_tokens), self.model.args.vocab_size)
             ids = [int(t) for t in text_or_tokens]
-            vocab = self.model.args.vocab_size
-            bad = [t for t in ids if not 0 <= t < vocab]
-            if bad:
-                raise ValueError(
-                    f"Token id {bad[0]} is outside the vocabulary (0..{vocab - 1})."
-                )
         if not ids:
             raise ValueError(f"Nothing to feed to {name!r}: the text gives no tokens.")
         with self._lock:

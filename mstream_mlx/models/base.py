@@ -26,7 +26,8 @@ import mlx.nn as nn
 from ..attention import rope_pairs
 from ..cache import StreamKVCache, push_positions
 from ..mask import Mask, attention_mask, make_mask
-from ..streams import BLOCKS, LAYOUTS, ROWS, StreamSpec
+from ..streams import BLOCKS, LAYOUTS, ROWS, StreamSpec, check_channels
+from ..vocab import check_ids
 
 CHANNEL_KEY = "model.channel_embedding.weight"
 # Keys the reference checkpoints carry for its (disabled) role gating: never used.
@@ -169,6 +170,11 @@ class StreamModel(nn.Module):
                 f"inputs, channels and positions must have one shape, got "
                 f"{inputs.shape}, {channels.shape} and {positions.shape}."
             )
+        # The user's entry point: ids and channels are read on the host (inputs are
+        # host-built, so no GPU sync).  Session, prefill and the loss call self.model
+        # with ids checked where they entered (docs/checks.md).
+        check_ids(inputs, self.args.vocab_size)
+        check_channels(channels, self.args.num_channels)
         return self.lm_logits(self.model(inputs, channels, positions, cache, mask))
 
     def lm_logits(self, h: mx.array) -> mx.array:
