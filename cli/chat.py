@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from mstream_mlx.checks import number, sampling_flags
 from mstream_mlx.utils import default_model_path
 
 from .common import (
@@ -73,6 +74,9 @@ def chat_command(
     from mstream_mlx.utils import resolve_model_path
 
     with user_errors(RuntimeError):
+        sampling_flags(temp=temp, top_p=top_p, top_k=top_k)
+        number("--tick", tick, 0)
+        number("--close-after", close_after, 0)
         plain = plain or not (sys.stdin.isatty() and sys.stdout.isatty())
         if model:
             path, label = resolve_model_path(model), model

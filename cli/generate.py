@@ -3,13 +3,13 @@
 live (columns or interleaved lines, a colour per stream) or as JSON lines."""
 
 import itertools
-import json
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import typer
 
+from mstream_mlx.checks import number, sampling_flags
 from mstream_mlx.utils import default_model_path
 
 from .common import (
@@ -342,6 +342,10 @@ def generate_command(
         if display is not None:
             choice("--display", display, DISPLAYS)
         choice("--sampler", sampler, SAMPLERS)
+        sampling_flags(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
+                       repetition_penalty=repetition_penalty, presence_penalty=presence_penalty)
+        number("--silence-penalty", silence_penalty)
+        number("--think-silence-penalty", think_silence_penalty)
         if prompt == "-":
             prompt = sys.stdin.read()
         interrupts = _interrupts(interrupt)

@@ -8,6 +8,7 @@ from typing import List, Optional
 
 import typer
 
+from mstream_mlx.checks import number, sampling_flags
 from mstream_mlx.utils import default_model_path
 
 from .common import ADAPTER_PATH, MODEL, SEED, choice, user_errors
@@ -73,6 +74,10 @@ def server_command(
 ):
     """Serve a multi-stream model: OpenAI-compatible API, live sessions, a page at /."""
     with user_errors(RuntimeError):
+        sampling_flags(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
+                       repetition_penalty=repetition_penalty, presence_penalty=presence_penalty)
+        number("--tick", tick)  # its range: ServerConfig
+        number("--idle-timeout", idle_timeout, 0, above=True)
         level = choice("--log-level", log_level.upper(), LOG_LEVELS)
         logging.basicConfig(level=level, format="%(message)s")
         from mstream_mlx.server import ServerConfig, serve

@@ -86,3 +86,22 @@ def read_json(path: Path, what: str) -> Any:
         raise ValueError(
             f"{what} {path}:{e.lineno}: invalid JSON ({e.msg})."
         ) from e
+
+
+# flag -> (low, high, low excluded) for the sampling flags generate, chat and server share
+SAMPLING_FLAGS = {
+    "temp": (0, None, False),
+    "top_p": (0, 1, True),
+    "top_k": (0, None, False),
+    "min_p": (0, 1, False),
+    "repetition_penalty": (0, None, False),
+    "presence_penalty": (None, None, False),
+}
+
+
+def sampling_flags(**values) -> None:
+    """Check sampling flags by their Python names (``temp=...``) before anything
+    loads; the message names the flag (``--temp``)."""
+    for name, value in values.items():
+        low, high, above = SAMPLING_FLAGS[name]
+        number("--" + name.replace("_", "-"), value, low, high, above=above)

@@ -11,7 +11,7 @@ import numpy as np
 from .mask import make_mask
 from .plans import LAZY, DecodePlan, Plan, PrefillPlan, Schedule, SeedPlan, Settled
 from .sample import SilencePenalty, quiet_ramp, silence_ramp
-from .checks import check_table
+from .checks import check_table, number
 from .streams import ROWS, rows_to_flat
 from .vocab import check_ids
 
@@ -83,6 +83,8 @@ class RowsOptions:
         return cls(**{**saved, **given})
 
     def __post_init__(self):
+        number("silence_penalty", self.silence_penalty)
+        number("think_silence_penalty", self.think_silence_penalty)
         if self.pre_think < 0:
             raise ValueError(f"pre_think must be >= 0, got {self.pre_think}.")
         if self.silence_exit is not None and self.silence_exit < 1:
