@@ -8,6 +8,7 @@ is checked where.  Token ids are checked in ``vocab.py``, channels in ``streams.
 
 import json
 import math
+import re
 import struct
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -105,3 +106,137 @@ def sampling_flags(**values) -> None:
     for name, value in values.items():
         low, high, above = SAMPLING_FLAGS[name]
         number("--" + name.replace("_", "-"), value, low, high, above=above)
+
+
+# ------------------------------------------------------------------ checkpoints
+def inside(folder: Path, name: str, source: str) -> Path:
+    """``folder / name`` when ``name`` (from ``source``, e.g. a shard index) names a
+    file inside ``folder``; one ``ValueError`` for ``../x``, absolute paths, or a
+    symlink that leads out of the folder (into the Hugging Face cache's ``blobs``
+    beside a snapshot folder is inside: that is how the cache stores files)."""
+    folder = Path(folder)
+    path = folder / name
+    roots = [folder.resolve()]
+    if roots[0].parent.name == "snapshots":
+        roots.append(roots[0].parent.parent / "blobs")
+    real = path.resolve()
+    if (
+        Path(name).is_absolute()
+        or ".." in Path(name).parts
+        or not any(r in real.parents for r in roots)
+    ):
+        raise ValueError(
+            f"{source} names {name!r}, which leads outside {folder} "
+            f"({real}); a checkpoint's files must be inside its folder."
+        )
+    return path
+
+
+def shard_names(weight_map: Any, index: Path) -> list:
+    """The shard file names of an index's ``weight_map`` (a JSON object of
+    tensor name -> file name)."""
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(v, str) for v in weight_map.values()
+    ):
+        raise ValueError(
+            f"{index} is not a valid weight index: weight_map must map tensor names "
+            f"to file names, got {type(weight_map).__name__}."
+        )
+    return sorted(set(weight_map.values()))
+
+
+def safetensors_header(path: Path) -> Dict[str, Any]:
+    """The JSON header of a safetensors file, read without loading tensors; one
+    ``ValueError`` naming the file when it is truncated, claims an impossible
+    length, or is not the JSON object of tensors the format defines."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path} is not a safetensors file (only {size} bytes).")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(size - 8, MAX_HEADER_BYTES):
+            raise ValueError(
+                f"{path} is not a safetensors file: its header claims {n} bytes and "
+                f"the file has {size}."
+            )
+        raw = fh.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ValueError(f"{path} is not a safetensors file (its header is not JSON).") from e
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} is not a safetensors file (its header is not an object).")
+    for k, v in header.items():
+        if k == "__metadata__":
+            continue
+        shape = v.get("shape") if isinstance(v, dict) else None
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
+            raise ValueError(f"{path}: tensor {k!r} has no valid shape in the header.")
+    return header
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "*.tiktoken")
+
+
+def check_tokenizer_files(folder: Path) -> None:
+    """One ``FileNotFoundError`` when ``folder`` has no tokenizer file (transformers
+    would build an empty tokenizer from config.json alone, which encodes all to [])."""
+    if not any(next(Path(folder).glob(p), None) for p in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"No tokenizer in {folder} (none of {', '.join(TOKENIZER_FILES)}); copy "
+            "the base model's tokenizer files next to the weights."
+        )
+
+
+# config.json entries every family reads: positive integers when present
+POSITIVE_INTS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "head_dim",
+    "num_channels",
+)
+NULLABLE = ("num_key_value_heads", "intermediate_size", "head_dim")  # mlx-lm defaults
+LAYER_KEY = re.compile(r"^model\.(?:language_model\.)?layers\.(\d+)\.")
+EMBED_KEYS = ("model.embed_tokens.weight", "model.language_model.embed_tokens.weight")
+
+
+def check_config(config: Any, shapes: Dict[str, Tuple[int, ...]], folder: Path) -> None:
+    """``config.json`` checked against itself and the tensors on disk, before
+    anything is built: a JSON object, positive integer sizes, and no more layers or
+    vocabulary rows than the weights hold (``num_hidden_layers: 200000`` would
+    otherwise build 200000 layers before failing)."""
+    f = Path(folder) / "config.json"
+    if not isinstance(config, dict):
+        raise ValueError(f"{f} must hold a JSON object, got {type(config).__name__}.")
+    text = config.get("text_config", {})
+    if not isinstance(text, dict):
+        raise ValueError(f"{f}: text_config must be an object, got {type(text).__name__}.")
+    for entries, prefix in ((config, ""), (text, "text_config.")):
+        for k in POSITIVE_INTS:
+            v = entries.get(k)
+            if v is None and k in NULLABLE:
+                continue
+            if k in entries and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{f}: {prefix}{k} must be a positive integer, got {v!r}.")
+    facts = {**config, **text}
+    layers = {int(m.group(1)) for k in shapes for m in [LAYER_KEY.match(k)] if m}
+    n = facts.get("num_hidden_layers")
+    if n is not None and n > len(layers):
+        raise ValueError(
+            f"{f} says num_hidden_layers {n} but the weights in {folder} hold "
+            f"{len(layers)} layers."
+        )
+    rows = next((shapes[k][0] for k in EMBED_KEYS if shapes.get(k)), None)
+    v = facts.get("vocab_size")
+    if v is not None and rows is not None and v != rows:
+        raise ValueError(
+            f"{f} says vocab_size {v} but the embedding table in {folder} has {rows} rows."
+        )
