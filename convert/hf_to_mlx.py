@@ -45,6 +45,7 @@ from mstream_mlx.streams import (
 from mstream_mlx.utils import resolve_model_path, stream_facts
 
 from mstream_mlx.atomic import atomic_folder, check_destination
+from mstream_mlx.checks import check_config, check_outputs, utf8_path
 from mstream_mlx.folders import check_apart, copy_side_files
 from .weights import read_weights
 
@@ -104,9 +105,11 @@ def read_config(src: Path) -> dict:
     if not f.is_file():
         raise FileNotFoundError(f"No config.json in {src}.")
     try:
-        return json.loads(f.read_text())
+        config = json.loads(f.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{f} is not valid JSON ({e}).") from e
+    check_config(config, {}, src)
+    return config
 
 
 def text_config(config: dict) -> dict:
@@ -358,13 +361,14 @@ def convert(
         num_channels=num_channels,
         channel_names=channel_names,
     )
-    dst = check_destination(Path(mlx_path), force)
+    dst = check_destination(utf8_path("--mlx-path", mlx_path), force)
     local = Path(hf_path).expanduser().exists()
     src = resolve_model_path(str(hf_path), revision)
     check_apart(dst, src, "--mlx-path")
     config = read_config(src)
     family, arch_layout, _ = detect(config, src)
     weights = rename(read_weights(src))
+    check_config(config, {k: v.shape for k, v in weights.items()}, src, vocab=False)
     if EMBED_KEY not in weights:
         raise ValueError(f"Missing tensor {EMBED_KEY} in {src}.")
     n, facts, about = stream_entry(
@@ -379,6 +383,7 @@ def convert(
     )
     ms = facts["multistream"]
     family.check_layout(ms["layout"], str(src))
+    check_outputs(ms, n, str(src))
     tokenizer = load_source_tokenizer(src)
     if ms["layout"] == ROWS and ms.get("silence_token_id") is None:
         ms["silence_token_id"] = silence_token_id(tokenizer)  # §7 §1.2: never hard-code
@@ -470,5 +475,12 @@ def convert(
         )
     info(f"Wrote {dst}")
     if upload_repo:
-        upload(dst, upload_repo)
+        try:
+            upload(dst, upload_repo)
+        except Exception as e:  # offline, no token, no rights: the folder is done
+            raise ValueError(
+                f"Wrote {dst}, but uploading it to {upload_repo} failed "
+                f"({type(e).__name__}: {' '.join(str(e).split())[:200]}); upload it "
+                f"later with: huggingface-cli upload {upload_repo} {dst}"
+            ) from e
     return dst

@@ -30,6 +30,7 @@ from mstream_mlx.models import family_for
 from mstream_mlx.utils import load_model, resolve_model_path
 
 from mstream_mlx.atomic import atomic_folder, check_destination
+from mstream_mlx.checks import utf8_path
 from mstream_mlx.folders import check_apart, copy_side_files
 from .hf_to_mlx import DTYPES, info
 
@@ -88,7 +89,7 @@ def export(
         raise ValueError(
             f"--dtype {dtype} is not supported; use one of {', '.join(DTYPES)}."
         )
-    dst = check_destination(Path(torch_path), force)
+    dst = check_destination(utf8_path("--torch-path", torch_path), force)
     src = resolve_model_path(str(model), revision)
     check_apart(dst, src, "--torch-path")
     mlx_model, _ = load_model(src)

@@ -208,11 +208,14 @@ LAYER_KEY = re.compile(r"^model\.(?:language_model\.)?layers\.(\d+)\.")
 EMBED_KEYS = ("model.embed_tokens.weight", "model.language_model.embed_tokens.weight")
 
 
-def check_config(config: Any, shapes: Dict[str, Tuple[int, ...]], folder: Path) -> None:
+def check_config(
+    config: Any, shapes: Dict[str, Tuple[int, ...]], folder: Path, vocab: bool = True
+) -> None:
     """``config.json`` checked against itself and the tensors on disk, before
     anything is built: a JSON object, positive integer sizes, and no more layers or
     vocabulary rows than the weights hold (``num_hidden_layers: 200000`` would
-    otherwise build 200000 layers before failing)."""
+    otherwise build 200000 layers before failing).  ``vocab=False``: a vocab_size
+    that disagrees with the table is allowed (convert warns: the tensor wins)."""
     f = Path(folder) / "config.json"
     if not isinstance(config, dict):
         raise ValueError(f"{f} must hold a JSON object, got {type(config).__name__}.")
@@ -229,14 +232,41 @@ def check_config(config: Any, shapes: Dict[str, Tuple[int, ...]], folder: Path) 
     facts = {**config, **text}
     layers = {int(m.group(1)) for k in shapes for m in [LAYER_KEY.match(k)] if m}
     n = facts.get("num_hidden_layers")
-    if n is not None and n > len(layers):
+    if shapes and n is not None and n > len(layers):
         raise ValueError(
             f"{f} says num_hidden_layers {n} but the weights in {folder} hold "
             f"{len(layers)} layers."
         )
     rows = next((shapes[k][0] for k in EMBED_KEYS if shapes.get(k)), None)
     v = facts.get("vocab_size")
-    if v is not None and rows is not None and v != rows:
+    if vocab and v is not None and rows is not None and v != rows:
         raise ValueError(
             f"{f} says vocab_size {v} but the embedding table in {folder} has {rows} rows."
         )
+
+
+
+def check_outputs(multistream: Dict[str, Any], num_channels: int, source: str) -> None:
+    """A multi-stream model needs an output stream: refuse one whose every channel
+    is an input (it would convert, then fail in generate)."""
+    inputs = set(multistream.get("input_channels") or [])
+    if num_channels <= len(inputs & set(range(num_channels))):
+        names = multistream.get("channel_names") or []
+        raise ValueError(
+            f"{source} has no output stream: its {num_channels} channel(s) "
+            f"({', '.join(map(str, names))}) are all inputs, so it has nothing to "
+            "generate; a rows model needs User plus at least one output stream."
+        )
+
+
+def utf8_path(flag: str, path) -> Path:
+    """``path`` when its name can be written as UTF-8 (MLX's writers abort with
+    ``std::bad_cast`` otherwise), else one ``ValueError`` naming ``flag``."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"{flag} {str(path).encode('utf-8', 'replace').decode()} is not a valid "
+            "UTF-8 name; choose another."
+        ) from e
+    return Path(path)
