@@ -64,11 +64,13 @@ def bench_command(
     ),
 ):
     """Time multi-stream decode (N = 1, 2, 3, 4, 10) and prefill against mlx-lm."""
-    from mstream_mlx.atomic import atomic_file
+    from mstream_mlx.atomic import atomic_file, check_writable
     from mstream_mlx.benchmarks.decode import BenchOptions, format_tables, measure
 
     log = lambda m: typer.echo(m, err=True)  # noqa: E731
     with user_errors():
+        if output is not None:
+            check_writable(output)  # now, not after the whole run
         opts = BenchOptions(
             streams=_ints(streams, "--streams"),
             prompt_tokens=prompt_tokens,

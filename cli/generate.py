@@ -9,7 +9,8 @@ from typing import Dict, List, Optional
 
 import typer
 
-from mstream_mlx.checks import number, sampling_flags
+from mstream_mlx.atomic import check_writable
+from mstream_mlx.checks import number, read_stdin, sampling_flags
 from mstream_mlx.utils import default_model_path
 
 from .common import (
@@ -346,8 +347,10 @@ def generate_command(
                        repetition_penalty=repetition_penalty, presence_penalty=presence_penalty)
         number("--silence-penalty", silence_penalty)
         number("--think-silence-penalty", think_silence_penalty)
+        if prompt_cache_file and not Path(prompt_cache_file).exists():
+            check_writable(prompt_cache_file)  # before loading, not after the prefill
         if prompt == "-":
-            prompt = sys.stdin.read()
+            prompt = read_stdin("--prompt -")
         interrupts = _interrupts(interrupt)
         if prompt is not None and not prompt.strip():
             raise ValueError("--prompt is empty.")

@@ -27,6 +27,7 @@ class name the family saves for the layout; ``A_log`` stays float32.
 
 import json
 import sys
+from contextlib import redirect_stdout
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -455,9 +456,10 @@ def convert(
     if quantize:
         from mlx_lm.utils import quantize_model
 
-        model, cfg = quantize_model(
-            model, cfg, q_group_size, q_bits, quant_predicate=model.quant_predicate
-        )
+        with redirect_stdout(sys.stderr):  # mlx-lm prints its bits line to stdout
+            model, cfg = quantize_model(
+                model, cfg, q_group_size, q_bits, quant_predicate=model.quant_predicate
+            )
     mx.eval(model.parameters())
 
     from mlx_lm.utils import save_config, save_model

@@ -270,3 +270,25 @@ def utf8_path(flag: str, path) -> Path:
             "UTF-8 name; choose another."
         ) from e
     return Path(path)
+
+
+def read_stdin(flag: str) -> str:
+    """All of stdin as text, or one ``ValueError`` naming ``flag`` when it is not
+    valid UTF-8."""
+    import sys
+
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{flag}: stdin is not valid UTF-8 (byte {e.start}).") from e
+
+
+def is_text(line: str) -> bool:
+    """False for a line read with ``errors="surrogateescape"`` that held bytes that
+    are not UTF-8."""
+    try:
+        line.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False

@@ -8,6 +8,7 @@ at each token's timestep ``y``, the stream mask (``mask.py``) and the ``y`` of e
 new key recorded in the cache (paper §3-§4; ``docs/design.md``).
 """
 
+import sys
 from dataclasses import dataclass, field
 from typing import (
     Any,
@@ -198,7 +199,8 @@ class StreamModel(nn.Module):
             # reference's init) so it can be fine-tuned into a multi-stream model.
             print(
                 "[WARNING] The checkpoint has no channel embedding; initialised "
-                f"{self.args.num_channels} channels at N(0, 0.02) for fine-tuning."
+                f"{self.args.num_channels} channels at N(0, 0.02) for fine-tuning.",
+                file=sys.stderr,
             )
             shape = (self.args.num_channels, self.args.hidden_size)
             out[CHANNEL_KEY] = 0.02 * mx.random.normal(shape, key=mx.random.key(0))

@@ -18,6 +18,7 @@ A malformed line raises :class:`DataError` naming the file, the line and the rea
 
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -150,7 +151,8 @@ class StreamDataset:
             self._warned = True
             print(
                 f"[WARNING] Some examples are longer than {max_length} tokens; their "
-                "last timesteps are dropped. Consider --max-seq-length or shorter data."
+                "last timesteps are dropped. Consider --max-seq-length or shorter data.",
+                file=sys.stderr,
             )
         if ex is None:
             raise ValueError(
