@@ -203,6 +203,7 @@ POSITIVE_INTS = (
     "head_dim",
     "num_channels",
 )
+POSITIVE_NUMBERS = ("rope_theta", "rms_norm_eps")
 NULLABLE = ("num_key_value_heads", "intermediate_size", "head_dim")  # mlx-lm defaults
 LAYER_KEY = re.compile(r"^model\.(?:language_model\.)?layers\.(\d+)\.")
 EMBED_KEYS = ("model.embed_tokens.weight", "model.language_model.embed_tokens.weight")
@@ -229,6 +230,22 @@ def check_config(
                 continue
             if k in entries and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"{f}: {prefix}{k} must be a positive integer, got {v!r}.")
+        for k in POSITIVE_NUMBERS:
+            v = entries.get(k)
+            if k in entries and not (
+                isinstance(v, (int, float)) and not isinstance(v, bool)
+                and math.isfinite(v) and v > 0
+            ):
+                raise ValueError(f"{f}: {prefix}{k} must be a positive number, got {v!r}.")
+        v = entries.get("tie_word_embeddings")
+        if v is not None and not isinstance(v, bool):
+            raise ValueError(f"{f}: {prefix}tie_word_embeddings must be true or false, got {v!r}.")
+    archs = config.get("architectures")
+    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        raise ValueError(f"{f}: architectures must be a list of class names, got {archs!r:.60}.")
+    if not isinstance(config.get("model_type", ""), str):
+        raise ValueError(f"{f}: model_type must be a string, got {config['model_type']!r:.60}.")
+    check_multistream(config.get("multistream"), f)
     facts = {**config, **text}
     layers = {int(m.group(1)) for k in shapes for m in [LAYER_KEY.match(k)] if m}
     n = facts.get("num_hidden_layers")
@@ -244,6 +261,34 @@ def check_config(
             f"{f} says vocab_size {v} but the embedding table in {folder} has {rows} rows."
         )
 
+
+def check_multistream(ms: Any, f: Path) -> None:
+    """The types of config.json's ``multistream`` entry (values: ``StreamSpec``)."""
+    if ms is None:
+        return
+    if not isinstance(ms, dict):
+        raise ValueError(f"{f}: multistream must be an object, got {type(ms).__name__}.")
+
+    def bad(key: str, want: str):
+        raise ValueError(f"{f}: multistream.{key} must be {want}, got {ms[key]!r:.60}.")
+
+    def ints(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if "layout" in ms and not isinstance(ms["layout"], str):
+        bad("layout", "a string")
+    names = ms.get("channel_names")
+    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        bad("channel_names", "a list of names")
+    inputs = ms.get("input_channels")
+    if inputs is not None and not (isinstance(inputs, list) and all(ints(c) for c in inputs)):
+        bad("input_channels", "a list of channel ids")
+    sil = ms.get("silence_token_id")
+    if sil is not None and not (ints(sil) and sil >= 0):
+        bad("silence_token_id", "a token id")
+    for key in ("rows_options", "blocks_options"):
+        if ms.get(key) is not None and not isinstance(ms[key], dict):
+            bad(key, "an object")
 
 
 def check_outputs(multistream: Dict[str, Any], num_channels: int, source: str) -> None:

@@ -200,9 +200,15 @@ def load(
         load_adapters(model, adapter_path)
         model.eval()
     check_tokenizer_files(model_path)
-    tokenizer = load_tokenizer(
-        model_path, tokenizer_config, eos_token_ids=config.get("eos_token_id")
-    )
+    try:
+        tokenizer = load_tokenizer(
+            model_path, tokenizer_config, eos_token_ids=config.get("eos_token_id")
+        )
+    except Exception as e:  # transformers also validates config.json here
+        raise ValueError(
+            f"Cannot load the tokenizer of {model_path} ({type(e).__name__}: "
+            f"{' '.join(str(e).split())[:300]})."
+        ) from e
     check_tokenizer_fits(tokenizer, model.args.vocab_size, str(model_path))
     ms = model.args.multistream
     if ms["layout"] == ROWS and ms.get("silence_token_id") is None:
