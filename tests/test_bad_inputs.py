@@ -336,6 +336,15 @@ def test_symlinks_out_of_the_folder_are_not_followed(tiny, tmp_path):
     shutil.move(w / "model.safetensors", tmp_path / "elsewhere.safetensors")
     (w / "model.safetensors").symlink_to(tmp_path / "elsewhere.safetensors")
     refused(tmp_path, lambda: generate("--model", w, "-p", "hi"), "leads outside")
+    # the Hugging Face cache's layout (snapshot files link into blobs/) still loads
+    repo = tmp_path / "models--someone--tiny"
+    snap, blobs = repo / "snapshots" / "abc", repo / "blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir()
+    for f in tiny.iterdir():
+        shutil.copy(f, blobs / f.name)
+        (snap / f.name).symlink_to(Path("../../blobs") / f.name)
+    assert generate("--model", snap, "-p", "hi").exit_code == 0
 
 
 # ------------------------------------------------------------ stale folders (19.16)
@@ -389,6 +398,27 @@ def test_an_interrupted_convert_leaves_nothing_and_force_keeps_the_old(tiny, tmp
     r = cli("convert", "--hf-path", tiny, "--mlx-path", out, "--force")
     assert r.exit_code != 0 and isinstance(r.exception, (KeyboardInterrupt, SystemExit))
     assert snapshot(tmp_path) == before  # the old folder, unchanged, and no partial one
+
+
+# ------------------------------------------------------------ the UI snippet (19.17)
+def test_the_ui_snippet_exits_cleanly_every_time():
+    """docs/generation.md's "From a UI" snippet, as a program of its own, several times:
+    MLX 0.32 aborted 6 of 9 such runs at exit (134) before the worker was parked."""
+    import re
+    from concurrent.futures import ThreadPoolExecutor
+
+    page = (ROOT / "docs" / "generation.md").read_text()
+    code = next(b for b in re.findall(r"```python\n(.*?)```", page, re.S) if "def worker()" in b)
+    prog = ("import mstream_mlx\nfrom mstream_mlx import Session\nmodel, tokenizer = "
+            f"mstream_mlx.load({str(BUNDLED)!r})\n" + code)  # fmt: skip
+
+    def once(_):
+        return subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, timeout=120)
+
+    with ThreadPoolExecutor(2) as pool:
+        runs = list(pool.map(once, range(4)))
+    assert [r.returncode for r in runs] == [0] * 4, [r.stderr[-300:] for r in runs]
+    assert all(r.stdout.strip() == "4 5" for r in runs), [r.stdout for r in runs]
 
 
 # ------------------------------------------------------------------- fuzz (all)
