@@ -205,8 +205,7 @@ POSITIVE_INTS = (
 )
 POSITIVE_NUMBERS = ("rope_theta", "rms_norm_eps")
 NULLABLE = ("num_key_value_heads", "intermediate_size", "head_dim")  # mlx-lm defaults
-LAYER_KEY = re.compile(r"^model\.(?:language_model\.)?layers\.(\d+)\.")
-EMBED_KEYS = ("model.embed_tokens.weight", "model.language_model.embed_tokens.weight")
+LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")  # any prefix: model., language_model.model.
 
 
 def check_config(
@@ -247,14 +246,14 @@ def check_config(
         raise ValueError(f"{f}: model_type must be a string, got {config['model_type']!r:.60}.")
     check_multistream(config.get("multistream"), f)
     facts = {**config, **text}
-    layers = {int(m.group(1)) for k in shapes for m in [LAYER_KEY.match(k)] if m}
+    layers = {int(m.group(1)) for k in shapes for m in [LAYER_KEY.search(k)] if m}
     n = facts.get("num_hidden_layers")
     if shapes and n is not None and n > len(layers):
         raise ValueError(
             f"{f} says num_hidden_layers {n} but the weights in {folder} hold "
             f"{len(layers)} layers."
         )
-    rows = next((shapes[k][0] for k in EMBED_KEYS if shapes.get(k)), None)
+    rows = next((v[0] for k, v in shapes.items() if k.endswith("embed_tokens.weight") and v), None)
     v = facts.get("vocab_size")
     if vocab and v is not None and rows is not None and v != rows:
         raise ValueError(

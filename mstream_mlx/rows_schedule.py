@@ -8,10 +8,10 @@ from typing import List, Optional, Sequence, Union
 import mlx.core as mx
 import numpy as np
 
+from .checks import check_table, number
 from .mask import make_mask
 from .plans import LAZY, DecodePlan, Plan, PrefillPlan, Schedule, SeedPlan, Settled
 from .sample import SilencePenalty, quiet_ramp, silence_ramp
-from .checks import check_table, number
 from .streams import ROWS, rows_to_flat
 from .vocab import check_ids
 
