@@ -8,6 +8,7 @@ is checked where.  Token ids are checked in ``vocab.py``, channels in ``streams.
 
 import json
 import math
+import numbers
 import re
 import struct
 from pathlib import Path
@@ -29,8 +30,8 @@ def number(
     ``above``), else one ``ValueError`` naming ``flag``.  ``None`` passes."""
     if value is None:
         return value
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    ok = ok and math.isfinite(value)
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    ok = ok and math.isfinite(value)  # numbers.Real: numpy scalars pass too
     if ok and low is not None:
         ok = value > low if above else value >= low
     if ok and high is not None:
@@ -49,20 +50,23 @@ def number(
 
 
 def check_table(rows: Any, what: str = "Prefill rows") -> None:
-    """A prefill-rows table: a list of rows, each a list of token ids (ints) or
-    words (strings)."""
-    if not isinstance(rows, (list, tuple)):
+    """A prefill-rows table: a list (or array) of rows, each a list of token ids
+    (ints) or words (strings)."""
+    import numpy as np
+
+    seq = (list, tuple, np.ndarray)
+    if not isinstance(rows, seq):
         raise ValueError(
             f"{what} must be a list of rows (lists of ids or words), got "
             f"{type(rows).__name__}."
         )
     for r, row in enumerate(rows):
-        if not isinstance(row, (list, tuple)):
+        if not isinstance(row, seq):
             raise ValueError(
                 f"{what}: row {r} must be a list of ids or words, got {row!r:.40}."
             )
         for c, cell in enumerate(row):
-            if isinstance(cell, bool) or not isinstance(cell, (int, str)):
+            if isinstance(cell, bool) or not isinstance(cell, (numbers.Integral, str)):
                 raise ValueError(
                     f"{what}: row {r} cell {c} is {cell!r:.40}; expected a token id "
                     "or a word."
@@ -240,7 +244,9 @@ def check_config(
         if v is not None and not isinstance(v, bool):
             raise ValueError(f"{f}: {prefix}tie_word_embeddings must be true or false, got {v!r}.")
     archs = config.get("architectures")
-    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+    if archs is not None and not (
+        isinstance(archs, list) and all(isinstance(a, str) for a in archs)
+    ):
         raise ValueError(f"{f}: architectures must be a list of class names, got {archs!r:.60}.")
     if not isinstance(config.get("model_type", ""), str):
         raise ValueError(f"{f}: model_type must be a string, got {config['model_type']!r:.60}.")
@@ -277,7 +283,9 @@ def check_multistream(ms: Any, f: Path) -> None:
     if "layout" in ms and not isinstance(ms["layout"], str):
         bad("layout", "a string")
     names = ms.get("channel_names")
-    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+    if names is not None and not (
+        isinstance(names, list) and all(isinstance(n, str) for n in names)
+    ):
         bad("channel_names", "a list of names")
     inputs = ms.get("input_channels")
     if inputs is not None and not (isinstance(inputs, list) and all(ints(c) for c in inputs)):
