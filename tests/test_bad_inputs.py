@@ -430,7 +430,7 @@ JSON = st.recursive(
 KEYS = ["num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_size",
         "vocab_size", "num_channels", "head_dim", "intermediate_size", "architectures",
         "model_type", "multistream", "tie_word_embeddings", "rope_theta", "text_config"]  # fmt: skip
-FUZZ = settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 
 
 def ok_or_one_line(r):
