@@ -381,7 +381,7 @@ def convert(
     family.check_layout(ms["layout"], str(src))
     tokenizer = load_source_tokenizer(src)
     if ms["layout"] == ROWS and ms.get("silence_token_id") is None:
-        ms["silence_token_id"] = silence_token_id(tokenizer)  # §7 §1.2: never hard-code
+        ms["silence_token_id"] = silence_token_id(tokenizer)  # never hard-code it (docs/design.md)
     stored = weights[EMBED_KEY].dtype
     info(f"{src}: {about}, {n} channels, {str(stored).split('.')[-1]} weights.")
 

@@ -72,7 +72,7 @@ def tiny_config(
 
 
 ARCHITECTURES = {
-    # how the reference code names its classes (shared/reference: §5, §6, §7)
+    # how the reference code names its classes (paper §5, §6, §7; docs/design.md)
     ("qwen3", "blocks"): ["Qwen3ForMultiStream"],
     ("qwen2", "blocks"): ["Qwen2ForMultiStream"],
     ("qwen3", "rows"): ["Qwen3ForCausalLM"],
