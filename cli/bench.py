@@ -27,7 +27,7 @@ def bench_command(
     shape: Optional[str] = typer.Option(
         None,
         "--shape",
-        help="Random weights of a named shape instead: qwen3-0.6b, qwen3-4b, tiny.",
+        help="Random weights of a named shape instead: qwen3-0.6b, qwen3-4b, qwen3-8b, tiny.",
     ),
     streams: str = typer.Option(
         "1,2,3,4,10", "--streams", help="Numbers of streams decoding at once."

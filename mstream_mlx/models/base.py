@@ -22,6 +22,7 @@ from typing import (
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from ..attention import rope_pairs
 from ..cache import StreamKVCache, push_positions
@@ -58,7 +59,9 @@ class MultiStreamModel(Protocol):
 
     ``inputs``, ``channels`` and ``positions`` are ``[B, L]`` int arrays (token id,
     channel, timestep y); the logit of token (c, y) predicts stream c at y + 1.  The
-    mask is derived from ``positions`` unless one is passed; ``cache`` comes from
+    mask is derived from ``positions`` unless one is passed (give them as host values,
+    numpy or an evaluated array: the mask's shortcuts read them on the host, and a
+    lazy array would wait for the device); ``cache`` comes from
     :meth:`make_cache` and is changed in place.  ``args`` carries at least
     ``model_type``, ``vocab_size``, ``num_channels``, ``multistream`` and
     ``tie_word_embeddings``.  Optional: ``tokens_per_row`` (calls must carry whole
@@ -117,6 +120,10 @@ def stream_inputs(
         and one cache entry per layer (Nones without a cache).  The new tokens' ``y``
         are recorded in the caches, after the mask was read from them.
     """
+    if isinstance(positions, np.ndarray):
+        # host positions: the mask shortcuts read them without waiting for the device
+        # (a lazy mx array here would stall the pipeline; docs/benchmarks.md)
+        positions = mx.array(positions, dtype=mx.int32)
     # paper §3: the channel embedding is added once, before layer 0
     h = backbone.embed_tokens(inputs) + backbone.channel_embedding(channels)
     # cos/sin gathered by y, cast and paired once for all layers
