@@ -12,7 +12,11 @@ slow but obvious:
   ``d = beta (v - S~^T k)``, then
   - ``column``: one ``S`` per stream, ``S = S~ + k d^T``, ``o = S^T q``;
   - ``block_causal``: every token of row r forks from the state after all earlier rows,
-    ``o = S~^T q + (q.k) d``; the state then advances over the row in channel order.
+    ``o = S~^T q + (q.k) d``; the state then advances over the row in channel order;
+* MoE MLP (Qwen3.5-MoE, every layer): softmax over E router logits, the top-k probabilities
+  renormalised to sum 1 weight k SwiGLU experts, plus one shared SwiGLU expert scaled by
+  ``sigmoid(shared_expert_gate(x))``. Checkpoints store the experts fused (``gate_up_proj``
+  ``[E, 2I, D]``, ``down_proj`` ``[E, D, I]``) or one tensor per expert (``save_pretrained``).
 """
 
 from __future__ import annotations
