@@ -4,12 +4,14 @@ Qwen3.5-35B-A3B run; ``docs/qwen3_5.md``).
 
 Two layouts, both built here from the reference's rules (tiny sizes):
 
-* ``save_pretrained``: ``architectures: ["StreamQwen3_5MoeForCausalLM"]``, ``model_type:
-  qwen3_5_moe_text``, a flat config without ``intermediate_size`` (every layer is sparse),
-  keys under ``model.language_model.``, one tensor per expert;
-* the lean-checkpoint converter (ZeRO-3 -> safetensors): the model's own parameters, so
-  ``model.`` keys and the fused experts of transformers >= 5 (``experts.gate_up_proj``
-  ``[E, 2I, D]``: gate rows then up rows; ``experts.down_proj`` ``[E, D, I]``), in bf16.
+* ``save_pretrained`` undoing transformers' checkpoint conversion:
+  ``architectures: ["StreamQwen3_5MoeForCausalLM"]``, ``model_type: qwen3_5_moe_text``, a
+  flat config without ``intermediate_size`` (every layer is sparse), keys under
+  ``model.language_model.``, one tensor per expert;
+* the model's own parameters, as the lean-checkpoint converter (ZeRO-3 -> safetensors)
+  writes them: ``model.`` keys and the fused experts of transformers >= 5
+  (``experts.gate_up_proj`` ``[E, 2I, D]``: gate rows then up rows; ``experts.down_proj``
+  ``[E, D, I]``), in bf16.
 
 Both load and convert as they are and match ``tests/reference/torch_qwen3_5.py`` (hybrid
 DeltaNet/full-attention layers, top-2 of 4 experts renormalised, a sigmoid-gated shared
