@@ -119,9 +119,9 @@ def test_the_written_layout_is_what_transformers_saves(tmp_path, tok_dir):
     config without ``intermediate_size``; that folder (a plain base) loads and converts."""
     transformers = pytest.importorskip("transformers")
     cfg = moe_config()
-    hf_cfg = {k: v for k, v in cfg.items() if k not in ("model_type", "num_channels", "channel_embedding_method",
-                                                         "role_gating_enabled", "deltanet_block_causal",
-                                                         "deltanet_conv")}
+    stream_only = ("num_channels", "channel_embedding_method", "role_gating_enabled", "deltanet_block_causal",
+                   "deltanet_conv")
+    hf_cfg = {k: v for k, v in cfg.items() if k not in ("model_type", *stream_only)}
     hf = transformers.Qwen3_5MoeForCausalLM(transformers.Qwen3_5MoeTextConfig(**hf_cfg))
     hf.save_pretrained(tmp_path / "hf")
     saved = set(load_file(str(tmp_path / "hf" / "model.safetensors")))
