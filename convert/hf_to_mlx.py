@@ -6,8 +6,9 @@ family file declares them (``mstream_mlx/models``; ``docs/adding-a-model.md``):
 
 * a stream checkpoint carries a channel table; its architecture tells the layout
   (the reference's ``Qwen3ForMultiStream`` / ``Qwen2ForMultiStream``: blocks, paper
-  §5-6; ``StreamQwen3_5ForCausalLM``: rows, §7) or, for a stock class name with
-  ``num_channels`` (§7 Stream-8B's ``Qwen3ForCausalLM``), rows;
+  §5-6; ``StreamQwen3_5ForCausalLM`` / ``StreamQwen3_5MoeForCausalLM``: rows, §7)
+  or, for a stock class name with ``num_channels`` (§7 Stream-8B's
+  ``Qwen3ForCausalLM``), rows;
 * a plain base model (``Qwen3ForCausalLM``, ``LlamaForCausalLM``, ...) gets a new
   N(0, 0.02) channel table and the stream spec of the flags (``--layout``: the
   family's first layout by default; Qwen3.5 runs rows only).
@@ -398,7 +399,7 @@ def convert(
     text["vocab_size"] = vocab
     cfg.update(
         facts,
-        architectures=[family.saved_architectures[ms["layout"]]],
+        architectures=[family.saved_architecture(ms["layout"], cfg["model_type"])],
     )
     tied = {**cfg, **text}.get("tie_word_embeddings")
     if tied and "lm_head.weight" in weights:

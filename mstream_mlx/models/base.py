@@ -247,6 +247,9 @@ class Family:
             the flags decide).
         saved_architectures: layout -> the class name written into ``config.json``
             by convert and export.
+        variant_architectures: model_type -> layout -> class name, for the model
+            types the reference saves under a class of their own (Qwen3.5-MoE:
+            ``StreamQwen3_5MoeForCausalLM``); others use ``saved_architectures``.
         layouts: the layouts the family runs; the first is a base model's default.
         sections: layout -> the paper section a stream checkpoint comes from.
         layout_note: why a layout outside ``layouts`` is refused.
@@ -266,11 +269,21 @@ class Family:
     to_reference: Callable[[Dict[str, mx.array]], Dict[str, mx.array]] = _same
     keep_fp32: Callable[[str], bool] = _never
     extra_facts: Callable[[dict], dict] = _no_facts
+    variant_architectures: Dict[str, Dict[str, str]] = field(default_factory=dict)
 
     def __post_init__(self):
         assert self.model_types[0] == self.name, "model_types must start with name"
         assert set(self.layouts) <= set(LAYOUTS) and self.layouts
         assert set(self.saved_architectures) == set(self.layouts)
+        for model_type, saved in self.variant_architectures.items():
+            assert model_type in self.model_types and set(saved) == set(self.layouts)
+
+    def saved_architecture(self, layout: str, model_type: Optional[str]) -> str:
+        """The class name convert and export write for a ``model_type`` model in
+        ``layout``."""
+        return self.variant_architectures.get(model_type, self.saved_architectures)[
+            layout
+        ]
 
     def check_layout(self, layout: str, source: str) -> None:
         """One clear error when ``layout`` is not one this family runs."""
