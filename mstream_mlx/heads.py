@@ -32,7 +32,12 @@ def head_channels(spec: StreamSpec, heads: Sequence[Union[str, int]]) -> Tuple[i
         raise ValueError(f"heads is empty; name at least one output stream: {outputs}.")
     chosen = []
     for h in heads:
-        c = spec.index(h)
+        try:
+            c = spec.index(h)
+        except ValueError:
+            raise ValueError(
+                f"Unknown stream {h!r} in heads; the model defines {', '.join(spec.names)}."
+            ) from None
         if c in spec.inputs:
             raise ValueError(
                 f"Stream {spec.names[c]!r} is an input stream (fed, never sampled); "
@@ -86,16 +91,37 @@ def with_default_heads(config: Dict[str, Any], ms: dict, spec: StreamSpec) -> di
     return ms if default is None else {**ms, "heads": default}
 
 
-def folder_heads(config: Dict[str, Any], ms: dict, spec: StreamSpec, heads: Heads = None) -> list:
-    """The heads a converted folder records: ``heads`` (``--heads``), else the
-    source's, else the reference's default, else every output stream."""
+def folder_heads(
+    config: Dict[str, Any], ms: dict, num_channels: int, heads: Heads = None
+) -> list:
+    """The heads a converted folder records (``ms``: its ``"multistream"`` entry):
+    ``heads`` (``--heads``), else the source's, else the reference's default, else
+    every output stream."""
+    spec = StreamSpec.from_config(ms, num_channels)
     if heads is None:
         heads = ms.get("heads") or reference_heads(config, spec) or spec.outputs
     return [spec.names[c] for c in head_channels(spec, heads)]
 
 
+def trained_heads(spec: StreamSpec, dataset) -> list:
+    """The output streams a training set supervises (some labelled token, a non-zero
+    stream weight), in channel order: what ``lora`` records in ``adapter_config.json``
+    (data with an auditor stream: ``["assistant", "auditor"]``)."""
+    seen = set()
+    for ex in dataset.examples:
+        seen.update(int(c) for c in set(ex.channels[ex.labels].tolist()))
+    weights = dataset.stream_weights
+    return [spec.names[c] for c in spec.outputs if c in seen and weights[c] > 0]
+
+
+def adopt_heads(model, heads: Sequence[str]):
+    """Make ``heads`` the model's default (adapters trained on them are applied)."""
+    head_channels(model.streams, heads)
+    model.args.multistream = {**model.args.multistream, "heads": list(heads)}
+
+
 def parse_heads(text: Optional[str]) -> Optional[list]:
-    """``--heads assistant,auditor`` -> ``["assistant", "auditor"]`` (None: not given).
+    """``"assistant,auditor"`` (``--heads``) -> ``["assistant", "auditor"]``; None: not given.
 
     Raises:
         ValueError: an empty list (``--heads ""``, ``--heads ,``).
