@@ -250,7 +250,8 @@ class BlocksSchedule(Schedule):
         ys = {}
         for c, v in zip(plan.sample_channels, values):
             tokens[c] = v
-            ys[c] = self.y0 + 3 + len(self.prefills[self.heads.index(c)]) + self.counts[c] - 1
+            prefill = self.prefills[self.heads.index(c)]
+            ys[c] = self.y0 + 3 + len(prefill) + self.counts[c] - 1
             if v in self.stop_tokens.get(c, ()):
                 finished[c] = "stop"
             elif (
