@@ -72,7 +72,7 @@ def reference_heads(config: Dict[str, Any], spec: StreamSpec) -> Optional[list]:
     """
     from .models import architectures
 
-    if "multistream" in config or spec.layout != BLOCKS:
+    if "multistream" in config or spec.layout != BLOCKS or not spec.outputs:
         return None
     known = architectures()
     archs = config.get("architectures") or []

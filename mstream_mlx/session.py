@@ -90,7 +90,7 @@ class Session:
             seeded results are the same either way; sampling from the global MLX RNG
             may differ when a launched step is redone (a head stopped).
         record_logits: fill ``StepEvent.logits_summary``.
-        heads: the output streams that generate, in order (default: the model's; see heads.py).
+        heads: output streams that generate, in order (default: the model's; docs/generation.md).
     """
 
     def __init__(
