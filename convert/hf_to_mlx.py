@@ -42,7 +42,7 @@ from mstream_mlx.streams import (
     rows_spec,
     silence_token_id,
 )
-from mstream_mlx.heads import folder_heads
+from mstream_mlx.heads import set_folder_heads
 from mstream_mlx.utils import resolve_model_path, stream_facts
 
 from mstream_mlx.atomic import atomic_folder, check_destination
@@ -350,7 +350,7 @@ def convert(
         heads: the output streams that generate by default, written to
             ``multistream.heads`` (default: the source's, else the reference
             evaluation's one assistant head for a §5-6 checkpoint, else every output
-            stream; docs/convert.md).
+            stream, which leaves the key out; docs/convert.md).
 
     Returns:
         The output folder.
@@ -385,7 +385,7 @@ def convert(
     )
     ms = facts["multistream"]
     family.check_layout(ms["layout"], str(src))
-    ms["heads"] = folder_heads(config, ms, n, heads)
+    set_folder_heads(config, ms, n, heads)
     tokenizer = load_source_tokenizer(src)
     if ms["layout"] == ROWS and ms.get("silence_token_id") is None:
         ms["silence_token_id"] = silence_token_id(tokenizer)  # §7 §1.2: never hard-code

@@ -91,16 +91,20 @@ def with_default_heads(config: Dict[str, Any], ms: dict, spec: StreamSpec) -> di
     return ms if default is None else {**ms, "heads": default}
 
 
-def folder_heads(
+def set_folder_heads(
     config: Dict[str, Any], ms: dict, num_channels: int, heads: Heads = None
-) -> list:
-    """The heads a converted folder records (``ms``: its ``"multistream"`` entry):
-    ``heads`` (``--heads``), else the source's, else the reference's default, else
-    every output stream."""
+):
+    """Set ``ms["heads"]`` (a converted folder's ``"multistream"`` entry) to ``heads``
+    (``--heads``), else the source's, else the reference's default for a checkpoint
+    the reference wrote; leave the key out when that is every output stream in order
+    (what a folder without it runs)."""
     spec = StreamSpec.from_config(ms, num_channels)
     if heads is None:
         heads = ms.get("heads") or reference_heads(config, spec) or spec.outputs
-    return [spec.names[c] for c in head_channels(spec, heads)]
+    chosen = head_channels(spec, heads)
+    ms.pop("heads", None)
+    if chosen != spec.outputs:
+        ms["heads"] = [spec.names[c] for c in chosen]
 
 
 def trained_heads(spec: StreamSpec, dataset) -> list:
