@@ -96,7 +96,7 @@ def test_heads_keep_their_own_channels(ref5):
     plan = Session(model, tok, heads=("assistant", "assistant2")).schedule.first_plan()
     assert sorted(set(plan.flat.channels.tolist())) == [0, 1, 2, 4]
     assert plan.sample_channels == [2, 4]
-    s, events = run(model, tok, heads=("assistant", "assistant2"))
+    _, events = run(model, tok, heads=("assistant", "assistant2"))
     assert written(events, "assistant2") and not written(events, "auditor")
     assert events[-1].finished.keys() <= {"assistant", "assistant2"}
 
