@@ -43,6 +43,7 @@ from mstream_mlx.streams import (
     rows_spec,
     silence_token_id,
 )
+from mstream_mlx.heads import set_folder_heads
 from mstream_mlx.utils import resolve_model_path, stream_facts
 
 from mstream_mlx.atomic import atomic_folder, check_destination
@@ -330,6 +331,7 @@ def convert(
     num_channels: Optional[int] = None,
     channel_names: Optional[Sequence[str]] = None,
     revision: Optional[str] = None,
+    heads: Optional[Sequence[str]] = None,
 ) -> Path:
     """Convert a PyTorch-side checkpoint into an MLX model folder.
 
@@ -346,6 +348,10 @@ def convert(
             for a stream checkpoint they override (names, layout) or must agree
             with (channel count) what it carries.
         revision: Hub revision.
+        heads: the output streams that generate by default, written to
+            ``multistream.heads`` (default: the source's, else the reference
+            evaluation's one assistant head for a §5-6 checkpoint, else every output
+            stream, which leaves the key out; docs/convert.md).
 
     Returns:
         The output folder.
@@ -380,6 +386,7 @@ def convert(
     )
     ms = facts["multistream"]
     family.check_layout(ms["layout"], str(src))
+    set_folder_heads(config, ms, n, heads)
     tokenizer = load_source_tokenizer(src)
     if ms["layout"] == ROWS and ms.get("silence_token_id") is None:
         ms["silence_token_id"] = silence_token_id(tokenizer)  # never hard-code it (docs/design.md)
