@@ -11,7 +11,7 @@ import typer
 from mstream_mlx.checks import number, sampling_flags
 from mstream_mlx.utils import default_model_path
 
-from .common import ADAPTER_PATH, MODEL, SEED, choice, user_errors
+from .common import ADAPTER_PATH, HEADS, MODEL, SEED, choice, user_errors
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -48,6 +48,7 @@ def server_command(
         None, "--system-prompt",
         help="Default system prompt (blocks: the system block; rows: read first).",
     ),
+    heads: Optional[str] = HEADS,
     head_prefill: List[str] = typer.Option(
         [], "--head-prefill",
         help="Blocks: text after 'assistant\\n' for each head, repeatable in head order.",
@@ -80,6 +81,7 @@ def server_command(
         number("--idle-timeout", idle_timeout, 0, above=True)
         level = choice("--log-level", log_level.upper(), LOG_LEVELS)
         logging.basicConfig(level=level, format="%(message)s")
+        from mstream_mlx.heads import parse_heads
         from mstream_mlx.server import ServerConfig, serve
 
         cfg = ServerConfig(
@@ -105,6 +107,7 @@ def server_command(
             max_sessions=max_sessions,
             max_body=max_body,
             idle_timeout=idle_timeout,
+            heads=parse_heads(heads),
         )
         if cfg.host not in LOOPBACK:
             typer.echo(
