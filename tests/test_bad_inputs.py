@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import mstream_mlx
 from mstream_mlx import Block, RowsOptions, Session, blocks_to_flat, rows_to_flat
-from tests.test_bad_inputs_lora import cli, error_line, refused, snapshot
+from tests.test_bad_inputs_lora import cli, error_line, full_disk, refused, snapshot  # noqa: F401
 
 BUNDLED = Path(mstream_mlx.__file__).parent / "assets" / "default_model"
 ROOT = Path(__file__).resolve().parents[1]
@@ -279,6 +279,23 @@ def test_a_rows_model_without_output_streams_is_refused_at_convert(tiny_checkpoi
     src = tiny_checkpoint("qwen3", "rows", num_channels=1)
     out = tmp_path / "out"
     refused(tmp_path, lambda: cli("convert", "--hf-path", src, "--mlx-path", out), "has no output stream")
+
+
+# ------------------------------------------------------ full disk, convert and export (19.8)
+def test_convert_and_export_on_a_full_disk(tiny, tmp_path, full_disk):
+    """A real 16 KiB tmpfs (MLX reports its ENOSPC as a RuntimeError): one line, and
+    neither the output nor a hidden partial folder is left behind."""
+    out = full_disk / "mlx"
+    before = snapshot(tmp_path)
+    error_line(cli("convert", "--hf-path", tiny, "--mlx-path", out), f"Writing {out}", "failed")
+    assert snapshot(tmp_path) == before
+    converted = tmp_path / "converted"
+    assert cli("convert", "--hf-path", tiny, "--mlx-path", converted).exit_code == 0
+    before = snapshot(tmp_path)
+    torch_out = full_disk / "torch"
+    r = cli("export", "--model", converted, "--torch-path", torch_out)
+    error_line(r, f"Writing {torch_out}", "failed")
+    assert snapshot(tmp_path) == before
 
 
 # ----------------------------------------------------------------- convert (19.13)
