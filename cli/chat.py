@@ -7,8 +7,6 @@ from typing import Optional
 
 import typer
 
-from mstream_mlx.utils import default_model_path
-
 from .common import (
     ADAPTER_PATH,
     MODEL,
@@ -70,7 +68,7 @@ def chat_command(
 ):
     """Chat with a multi-stream model: type while it thinks and talks."""
     from mstream_mlx.chat import ChatEngine, ChatOptions, run_plain
-    from mstream_mlx.utils import resolve_model_path
+    from mstream_mlx.utils import default_model_path, resolve_model_path
 
     with user_errors(RuntimeError):
         plain = plain or not (sys.stdin.isatty() and sys.stdout.isatty())

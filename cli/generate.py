@@ -10,8 +10,6 @@ from typing import Dict, List, Optional
 
 import typer
 
-from mstream_mlx.utils import default_model_path
-
 from .common import (
     ADAPTER_PATH,
     MODEL,
@@ -355,6 +353,7 @@ def generate_command(
         import mstream_mlx
         from mstream_mlx import BlocksOptions, RowsOptions, SamplingSettings
         from mstream_mlx.streams import BLOCKS
+        from mstream_mlx.utils import default_model_path
 
         if seed is not None:
             mx.random.seed(seed)

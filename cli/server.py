@@ -8,8 +8,6 @@ from typing import List, Optional
 
 import typer
 
-from mstream_mlx.utils import default_model_path
-
 from .common import ADAPTER_PATH, MODEL, SEED, choice, user_errors
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -76,6 +74,7 @@ def server_command(
         level = choice("--log-level", log_level.upper(), LOG_LEVELS)
         logging.basicConfig(level=level, format="%(message)s")
         from mstream_mlx.server import ServerConfig, serve
+        from mstream_mlx.utils import default_model_path
 
         cfg = ServerConfig(
             model=model or str(default_model_path()),
