@@ -2,6 +2,8 @@
 """``mstream-mlx convert`` (PyTorch checkpoint -> MLX folder) and ``mstream-mlx export``
 (MLX folder -> PyTorch safetensors): flags as ``mlx_lm.convert`` spells them."""
 
+import sys
+from contextlib import redirect_stdout
 from typing import Optional
 
 import typer
@@ -55,7 +57,7 @@ def convert(
 
     names = [n.strip() for n in channel_names.split(",")] if channel_names else None
     # ImportError: a PyTorch .bin checkpoint and no torch installed
-    with user_errors(ImportError):
+    with user_errors(ImportError), redirect_stdout(sys.stderr):  # mlx-lm prints
         run(
             hf_path,
             mlx_path,
@@ -86,5 +88,5 @@ def export(
     """Export an MLX model folder as PyTorch safetensors the reference code loads."""
     from mstream_mlx.convert.mlx_to_torch import export as run
 
-    with user_errors(ImportError):
+    with user_errors(ImportError), redirect_stdout(sys.stderr):  # mlx-lm prints
         run(model, torch_path, dtype=dtype, force=force, revision=revision)

@@ -2,8 +2,10 @@
 """``mstream-mlx generate``: run a multi-stream model on a prompt and print every stream
 live (columns or interleaved lines, a colour per stream) or as JSON lines."""
 
+import contextlib
 import itertools
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -37,6 +39,8 @@ SAMPLING_KEYS = (
     "frequency_penalty",
     "seed",
 )
+# whitespace-only tokens in the column view, so that "-" means silence only
+VISIBLE = str.maketrans({" ": "␣", "\n": "↵", "\t": "⇥", "\r": "↵"})
 
 
 def _parse_pairs(text: str, what: str) -> Dict[str, str]:
@@ -119,6 +123,12 @@ class _Printer:
                 self.styles[name] = dict(fg=COLOURS[k % len(COLOURS)], bold=k == 0)
                 k += 1
         self.width = {n: max(len(n), 10) for n in shown}
+        # fit the terminal (COLUMNS or the tty's width; no limit when piped): 6 columns
+        # for "  t | ", 3 per separator
+        cols = shutil.get_terminal_size((0, 0)).columns
+        if cols and display == "columns":
+            fit = max(3, (cols - 6 - 3 * (len(shown) - 1)) // max(len(shown), 1))
+            self.width = {n: min(w, fit) for n, w in self.width.items()}
         self.last = None
 
     def style(self, text: str, name: str, dim: bool = False) -> str:
@@ -128,10 +138,7 @@ class _Printer:
 
     def header(self):
         if self.display == "columns":
-            cells = [
-                self.style(n.center(self.width[n])[: self.width[n]], n)
-                for n in self.shown
-            ]
+            cells = [self.style(_cell(n, self.width[n]), n) for n in self.shown]
             typer.echo("  t | " + " | ".join(cells))
 
     def event(self, ev):
@@ -148,11 +155,12 @@ class _Printer:
                     else (
                         "-"
                         if tok == sil
-                        else self.tokenizer.decode([tok]).strip() or "-"
+                        else _word(self.tokenizer.decode([tok]))
                     )
                 )
-                w = self.width[n]
-                cells.append(self.style(word[:w].center(w), n, dim=tok in (None, sil)))
+                cells.append(
+                    self.style(_cell(word, self.width[n]), n, dim=tok in (None, sil))
+                )
             typer.echo(f"{ev.t:3d} | " + " | ".join(cells))
             return
         for n in self.shown:
@@ -170,6 +178,16 @@ class _Printer:
     def end(self):
         if self.display == "lines" and self.last is not None:
             typer.echo()
+
+
+def _word(text: str) -> str:
+    """A token's text in one cell: stripped, or its whitespace made visible."""
+    return text.strip() or text.translate(VISIBLE) or "∅"
+
+
+def _cell(word: str, width: int) -> str:
+    """``word`` centred in ``width`` columns, cut with an ellipsis if longer."""
+    return (word if len(word) <= width else word[: width - 1] + "…").center(width)
 
 
 def generate_command(
@@ -255,7 +273,8 @@ def generate_command(
     display: Optional[str] = typer.Option(
         None,
         "--display",
-        help="columns (side by side) or lines (interleaved); default columns, lines for one stream.",
+        help="columns (side by side; - is silence, ␣ ↵ whitespace tokens) or lines "
+        "(interleaved); default columns, lines for one stream.",
     ),
     no_color: bool = typer.Option(False, "--no-color", help="No ANSI colours."),
     interrupt: List[str] = typer.Option(
@@ -357,9 +376,10 @@ def generate_command(
 
         if seed is not None:
             mx.random.seed(seed)
-        net, tokenizer = mstream_mlx.load(
-            model or str(default_model_path()), adapter_path=adapter_path
-        )
+        with contextlib.redirect_stdout(sys.stderr):  # stdout is for the streams only
+            net, tokenizer = mstream_mlx.load(
+                model or str(default_model_path()), adapter_path=adapter_path
+            )
         spec = net.streams
         blocks = spec.layout == BLOCKS
         base = SamplingSettings(

@@ -74,3 +74,126 @@ def test_package_names_resolve_lazily():
         import mstream_mlx
 
         mstream_mlx.no_such_name
+
+
+# ----------------------------------------------------------------- help text
+
+COMMANDS = ["version", "generate", "chat", "convert", "export", "lora", "fuse", "bench",
+            "server"]
+
+
+def invoke(*argv, env=None):
+    return CliRunner().invoke(
+        app, list(argv), prog_name="mstream-mlx", env={"COLUMNS": "80", **(env or {})}
+    )
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_accepts_h_and_shows_flags_whole(command):
+    r = invoke(command, "-h")
+    assert r.exit_code == 0, r.output
+    assert r.stdout.startswith(f"Usage: mstream-mlx {command}")
+    assert "<bool>" not in r.stdout  # a boolean is a plain flag: it takes no value
+    assert "…" not in r.stdout  # nothing cut at 80 columns
+
+
+def test_boolean_flags_are_plain_flags():
+    help_line = next(l for l in invoke("lora", "-h").stdout.splitlines() if "--train" in l)
+    assert help_line.split() == ["--train", "Train."]
+    r = invoke("lora", "--train", "true")  # a flag takes no value: the extra word is refused
+    assert r.exit_code == 2
+
+
+def test_stream_config_help_is_whole():
+    text = " ".join(invoke("generate", "-h").stdout.split())
+    assert "NAME:temp=0.7,top_k=20,max_tokens=50,seed=1" in text
+
+
+# ------------------------------------------------------- generate's text view
+
+
+def test_bad_max_kv_size_fails_before_any_output():
+    r = invoke("generate", "-p", "add five", "--max-kv-size", "0")
+    assert r.exit_code == 1 and r.stdout == ""
+    assert r.stderr.strip().splitlines() == ["Error: max_kv_size must be >= 1, got 0."]
+
+
+def test_ten_streams_fit_the_terminal(tiny_checkpoint):
+    rows = str(tiny_checkpoint("qwen3", "rows"))
+    for cols in (80, 100):
+        r = invoke("generate", "--model", rows, "-p", "what is one", "--max-steps", "3",
+                   "--no-color", env={"COLUMNS": str(cols)})
+        assert r.exit_code == 0, r.output
+        lines = r.stdout.splitlines()
+        assert len(lines) >= 5 and max(map(len, lines)) <= cols, r.stdout
+        assert "Analytical" not in lines[1] and "Ana" in lines[1] and "…" in lines[1]
+    wide = invoke("generate", "--model", rows, "-p", "what is one", "--max-steps", "3",
+                  "--no-color", env={"COLUMNS": "200"})
+    assert "Analytical" in wide.stdout.splitlines()[1]
+
+
+def test_whitespace_tokens_are_not_shown_as_silence():
+    from mstream_mlx.cli.generate import _cell, _word
+
+    assert _word(" add") == "add"
+    assert _word("\n") == "↵" and _word("  ") == "␣␣" and _word("\t") == "⇥"
+    assert _word(" -") == "-"  # the rows silence token is the only "-"
+    assert _cell("integrating", 10) == "integrati…" and _cell("add", 5) == " add "
+
+
+def test_blocks_view_shows_newline_tokens(tiny_checkpoint):
+    blocks = str(tiny_checkpoint("qwen3", "blocks"))
+    r = invoke("generate", "--model", blocks, "-p", "what is one", "-m", "3", "--no-color")
+    assert r.exit_code == 0, r.output
+    cells = [l.split("|")[2].strip() for l in r.stdout.splitlines()[2:-1]]
+    assert cells and "-" not in cells and "↵" in cells, r.stdout
+
+
+# --------------------------------------------------------- diagnostics on stderr
+
+
+def test_load_warnings_go_to_stderr(tiny_checkpoint):
+    base = str(tiny_checkpoint("qwen3", "blocks", channel_embedding=False))
+    r = invoke("generate", "--model", base, "-p", "hi", "-m", "1", "--no-color")
+    assert r.exit_code == 0, r.output
+    assert "no channel embedding" in r.stderr and "[WARNING]" not in r.stdout
+    assert r.stdout.startswith("=" * 10)
+
+
+def test_convert_quantization_line_goes_to_stderr(tiny_checkpoint, tmp_path):
+    src = str(tiny_checkpoint("qwen3", "blocks"))
+    r = invoke("convert", "--hf-path", src, "--mlx-path", str(tmp_path / "q"), "-q")
+    assert r.exit_code == 0, r.output
+    assert r.stdout == "" and "Quantized model with" in r.stderr
+
+
+# ------------------------------------------------------------- scripts
+
+
+def test_convert_example_rerun_is_one_line_and_force_works(tiny_checkpoint, tmp_path):
+    src, dst = str(tiny_checkpoint("qwen3", "rows")), str(tmp_path / "mlx")
+    script = [sys.executable, "examples/convert_checkpoint.py", src, dst]
+    run = lambda *extra: subprocess.run(  # noqa: E731
+        [*script, *extra], capture_output=True, text=True, timeout=300
+    )
+    assert run().returncode == 0
+    again = run()
+    assert again.returncode == 1 and "Traceback" not in again.stderr
+    assert again.stderr.strip().splitlines() == [
+        f"Error: {dst} already exists; pass --force to replace it."
+    ]
+    forced = run("--force")
+    assert forced.returncode == 0, forced.stderr
+    assert "rows model with streams" in forced.stdout
+
+
+def test_parity_report_table_has_no_blank_lines(monkeypatch, capfd):
+    from tests import parity_report, test_parity
+
+    monkeypatch.setattr(parity_report, "FAMILIES", [("qwen3", True)])
+    first = next(iter(test_parity.CASES.items()))
+    monkeypatch.setattr(parity_report, "CASES", dict([first]))
+    parity_report.main()
+    out = capfd.readouterr().out.splitlines()
+    table = out[next(i for i, l in enumerate(out) if l.startswith("| case |")):]
+    assert len(table) == 3 and all(l.startswith("|") for l in table), out
