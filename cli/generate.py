@@ -467,13 +467,14 @@ def generate_command(
 
 def _show(events, printer: _Printer, shown: List[str], text: bool):
     """Print every event (text or JSON lines), then mlx-lm's summary on stderr."""
-    from mstream_mlx.generate import print_summary
+    from mstream_mlx.generate import Tally, print_summary
 
     if text:
         typer.echo("=" * 10)
         printer.header()
     event = None
-    for event in events:
+    tally = Tally(printer.spec)
+    for event in map(tally.add, events):
         if text:
             printer.event(event)
         else:
@@ -482,4 +483,4 @@ def _show(events, printer: _Printer, shown: List[str], text: bool):
         printer.end()
         typer.echo("=" * 10)
     if event is not None:
-        print_summary(event)
+        print_summary(event, tally=tally)

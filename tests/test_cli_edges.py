@@ -4,6 +4,7 @@ diagnostics on stderr, widths, summary numbers. Fast: the bundled model at most.
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -197,3 +198,84 @@ def test_parity_report_table_has_no_blank_lines(monkeypatch, capfd):
     out = capfd.readouterr().out.splitlines()
     table = out[next(i for i, l in enumerate(out) if l.startswith("| case |")):]
     assert len(table) == 3 and all(l.startswith("|") for l in table), out
+
+
+# ------------------------------------------------------- numbers a user means
+
+BUNDLED_PROMPT = "add five minus two add nine"
+
+
+def test_summary_counts_what_was_read_and_said():
+    events = [json.loads(l) for l in invoke("generate", "-p", BUNDLED_PROMPT, "--format",
+                                             "jsonl").stdout.splitlines()]
+    import mstream_mlx
+    from mstream_mlx.utils import default_model_path
+
+    spec = mstream_mlx.load(str(default_model_path()))[0].streams
+    inputs, silence = [spec.names[c] for c in spec.inputs], spec.silence_token
+    tokens = [(n, t) for e in events for n, t in e["tokens"].items() if t is not None]
+    read = sum(1 for n, t in tokens if n in inputs and t != silence)
+    said = sum(1 for n, t in tokens if n not in inputs and t != silence)
+    quiet = sum(1 for n, t in tokens if n not in inputs and t == silence)
+    assert read == 6 and 0 < said < quiet
+
+    r = invoke("generate", "-p", BUNDLED_PROMPT)
+    prompt, generation = r.stderr.splitlines()[:2]
+    assert prompt == f"Prompt: {read} tokens read while generating"
+    steps, steps_tps, n, tps = (
+        float(x) for x in re.findall(r"([\d.]+) (?:timesteps|tokens)", generation)
+    )
+    assert n == said and steps >= said / len(spec.outputs)
+    assert tps == pytest.approx(said * steps_tps / steps, rel=1e-3, abs=1e-3)
+    assert generation.endswith(f"({quiet} silence tokens not counted)")
+
+
+def test_summary_of_a_prefilled_prompt_keeps_mlx_lm_s_line():
+    from mstream_mlx.events import StepEvent
+    from mstream_mlx.generate import summary_lines
+
+    ev = StepEvent(t=3, tokens={}, text={}, y={}, finished={}, finish_reason="stop",
+                   prompt_tokens=17, prompt_tps=100.0, generation_timesteps=4,
+                   timesteps_per_sec=8.0, generation_tokens=8, tokens_per_sec=16.0,
+                   ttft=None, ttft_timesteps=None, peak_memory=0.001)
+    assert summary_lines(ev)[:2] == [
+        "Prompt: 17 tokens, 100.000 tokens-per-sec",
+        "Generation: 4 timesteps, 8.000 timesteps-per-sec, 8 tokens, 16.000 tokens-per-sec",
+    ]
+
+
+def test_plain_chat_summary_counts_without_silence():
+    p = subprocess.run(
+        [sys.executable, "-m", "mstream_mlx.cli.main", "chat", "--plain"],
+        input="add five minus two\nadd nine\n", capture_output=True, text=True,
+        timeout=120, env=dict(os.environ, MSTREAM_MLX_NO_PRELOAD="1"),
+    )
+    assert p.returncode == 0, p.stderr
+    assert "Prompt: 6 tokens read while generating" in p.stderr
+    assert "silence tokens not counted" in p.stderr
+
+
+def test_bench_targets_are_a_small_table():
+    from mstream_mlx.benchmarks.decode import format_tables
+
+    base = dict(timesteps_per_s=1.0, tokens_per_s=1.0, prefill_tps=1.0, ttft_s=0.1,
+                peak_memory_gb=0.1)
+    report = dict(
+        device="cpu", name="micro", dtype="float32", params_b=0.0, prompt_tokens=8,
+        rows=2, repeats=1, mlx="x", mlx_lm="y", baseline=base, streams=[], prefill=[],
+        targets={
+            "n1_within_5pct": {"ratio": 0.9712345678901234, "met": True},
+            "aggregate_grows_with_n": {"tokens_per_s": {1: 100.123456789, 2: 90.5},
+                                       "stops_growing_at": 2, "met": False},
+            "baseline_tokens_per_s": {"value": 1.0},  # not a target: no row
+        },
+    )
+    text = format_tables(report)
+    table = text[text.index("| target |"):].splitlines()
+    assert table == [
+        "| target | met | measured |",
+        "|---|---|---|",
+        "| n1_within_5pct | yes | ratio 0.971 |",
+        "| aggregate_grows_with_n | **no** | tokens_per_s 1: 100, 2: 90.5; "
+        "stops_growing_at 2 |",
+    ]
