@@ -9,6 +9,7 @@ import typer
 
 from .common import (
     ADAPTER_PATH,
+    HEADS,
     MODEL,
     SEED,
     SYSTEM_PROMPT,
@@ -48,6 +49,7 @@ def chat_command(
         "(default 200); a full-screen rows session runs until /reset.",
     ),
     system_prompt: Optional[str] = SYSTEM_PROMPT,
+    heads: Optional[str] = HEADS,
     close_after: float = typer.Option(
         2.0,
         "--close-after",
@@ -68,6 +70,7 @@ def chat_command(
 ):
     """Chat with a multi-stream model: type while it thinks and talks."""
     from mstream_mlx.chat import ChatEngine, ChatOptions, run_plain
+    from mstream_mlx.heads import parse_heads
     from mstream_mlx.utils import default_model_path, resolve_model_path
 
     with user_errors(RuntimeError):
@@ -91,6 +94,7 @@ def chat_command(
             max_steps=max_steps,
             system_prompt=system_prompt,
             close_after=close_after,
+            heads=parse_heads(heads),
         )
         # what a saved transcript records about this run
         meta = {
@@ -104,6 +108,7 @@ def chat_command(
                 "max_steps": max_steps,
                 "system_prompt": system_prompt,
                 "close_after": close_after,
+                "heads": heads,
                 "tick": tick,
             },
         }

@@ -14,6 +14,7 @@ import typer
 
 from .common import (
     ADAPTER_PATH,
+    HEADS,
     MODEL,
     SEED,
     SYSTEM_PROMPT,
@@ -21,6 +22,8 @@ from .common import (
     TOP_K,
     TOP_P,
     choice,
+    chosen_heads,
+    heads_line,
     user_errors,
 )
 
@@ -197,6 +200,7 @@ def generate_command(
         None, "--prompt", "-p", help="Text for the main input stream ('-' reads stdin)."
     ),
     system_prompt: Optional[str] = SYSTEM_PROMPT,
+    heads: Optional[str] = HEADS,
     max_tokens: Optional[int] = typer.Option(
         None,
         "--max-tokens",
@@ -382,6 +386,7 @@ def generate_command(
             )
         spec = net.streams
         blocks = spec.layout == BLOCKS
+        heads = chosen_heads(net, heads)  # one line for a bad name
         base = SamplingSettings(
             temp=temp,
             top_p=top_p,
@@ -430,7 +435,10 @@ def generate_command(
                 if s.strip()
             ]
         else:
-            shown = [n for c, n in enumerate(spec.names) if not (blocks and c == 0)]
+            shown = [
+                n for c, n in enumerate(spec.names)
+                if not (blocks and c == 0) and (c in spec.inputs or n in heads)
+            ]
         events = mstream_mlx.stream_generate(
             net,
             tokenizer,
@@ -450,9 +458,11 @@ def generate_command(
             prefill_step_size=prefill_step_size,
             record_logits=record_logits,
             pipeline=False if no_pipeline else None,
+            heads=heads,
         )
         # the first event builds the Session: a bad setting fails before any output
         first = next(events, None)
+        typer.echo(heads_line(net, heads), err=True)
         printer = _Printer(
             spec,
             tokenizer,

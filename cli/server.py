@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from .common import ADAPTER_PATH, MODEL, SEED, choice, user_errors
+from .common import ADAPTER_PATH, HEADS, MODEL, SEED, choice, user_errors
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -45,6 +45,7 @@ def server_command(
         None, "--system-prompt",
         help="Default system prompt (blocks: the system block; rows: read first).",
     ),
+    heads: Optional[str] = HEADS,
     head_prefill: List[str] = typer.Option(
         [], "--head-prefill",
         help="Blocks: text after 'assistant\\n' for each head, repeatable in head order.",
@@ -73,6 +74,7 @@ def server_command(
     with user_errors(RuntimeError):
         level = choice("--log-level", log_level.upper(), LOG_LEVELS)
         logging.basicConfig(level=level, format="%(message)s")
+        from mstream_mlx.heads import parse_heads
         from mstream_mlx.server import ServerConfig, serve
         from mstream_mlx.utils import default_model_path
 
@@ -99,6 +101,7 @@ def server_command(
             max_sessions=max_sessions,
             max_body=max_body,
             idle_timeout=idle_timeout,
+            heads=parse_heads(heads),
         )
         if cfg.host not in LOOPBACK:
             typer.echo(

@@ -6,8 +6,9 @@ family file declares them (``mstream_mlx/models``; ``docs/adding-a-model.md``):
 
 * a stream checkpoint carries a channel table; its architecture tells the layout
   (the reference's ``Qwen3ForMultiStream`` / ``Qwen2ForMultiStream``: blocks, paper
-  §5-6; ``StreamQwen3_5ForCausalLM``: rows, §7) or, for a stock class name with
-  ``num_channels`` (§7 Stream-8B's ``Qwen3ForCausalLM``), rows;
+  §5-6; ``StreamQwen3_5ForCausalLM`` / ``StreamQwen3_5MoeForCausalLM``: rows, §7)
+  or, for a stock class name with ``num_channels`` (§7 Stream-8B's
+  ``Qwen3ForCausalLM``), rows;
 * a plain base model (``Qwen3ForCausalLM``, ``LlamaForCausalLM``, ...) gets a new
   N(0, 0.02) channel table and the stream spec of the flags (``--layout``: the
   family's first layout by default; Qwen3.5 runs rows only).
@@ -42,6 +43,7 @@ from mstream_mlx.streams import (
     rows_spec,
     silence_token_id,
 )
+from mstream_mlx.heads import set_folder_heads
 from mstream_mlx.utils import resolve_model_path, stream_facts
 
 from mstream_mlx.atomic import atomic_folder, check_destination
@@ -329,6 +331,7 @@ def convert(
     num_channels: Optional[int] = None,
     channel_names: Optional[Sequence[str]] = None,
     revision: Optional[str] = None,
+    heads: Optional[Sequence[str]] = None,
 ) -> Path:
     """Convert a PyTorch-side checkpoint into an MLX model folder.
 
@@ -345,6 +348,10 @@ def convert(
             for a stream checkpoint they override (names, layout) or must agree
             with (channel count) what it carries.
         revision: Hub revision.
+        heads: the output streams that generate by default, written to
+            ``multistream.heads`` (default: the source's, else the reference
+            evaluation's one assistant head for a §5-6 checkpoint, else every output
+            stream, which leaves the key out; docs/convert.md).
 
     Returns:
         The output folder.
@@ -379,9 +386,10 @@ def convert(
     )
     ms = facts["multistream"]
     family.check_layout(ms["layout"], str(src))
+    set_folder_heads(config, ms, n, heads)
     tokenizer = load_source_tokenizer(src)
     if ms["layout"] == ROWS and ms.get("silence_token_id") is None:
-        ms["silence_token_id"] = silence_token_id(tokenizer)  # §7 §1.2: never hard-code
+        ms["silence_token_id"] = silence_token_id(tokenizer)  # never hard-code it (docs/design.md)
     stored = weights[EMBED_KEY].dtype
     info(f"{src}: {about}, {n} channels, {str(stored).split('.')[-1]} weights.")
 
@@ -398,7 +406,7 @@ def convert(
     text["vocab_size"] = vocab
     cfg.update(
         facts,
-        architectures=[family.saved_architectures[ms["layout"]]],
+        architectures=[family.saved_architecture(ms["layout"], cfg["model_type"])],
     )
     tied = {**cfg, **text}.get("tie_word_embeddings")
     if tied and "lm_head.weight" in weights:

@@ -8,6 +8,7 @@ from typing import List, Optional, Sequence, Union
 import mlx.core as mx
 import numpy as np
 
+from .heads import model_heads
 from .mask import make_mask
 from .plans import LAZY, DecodePlan, Plan, PrefillPlan, Schedule, SeedPlan, Settled
 from .sample import SilencePenalty, quiet_ramp, silence_ramp
@@ -113,6 +114,7 @@ class RowsSchedule(Schedule):
         max_tokens,
         stop_tokens,
         interactive: Optional[bool],
+        heads=None,
     ):
         super().__init__(
             spec,
@@ -120,6 +122,7 @@ class RowsSchedule(Schedule):
             max_steps=max_steps,
             max_tokens=max_tokens,
             stop_tokens=stop_tokens,
+            heads=heads,
         )
         if spec.silence_token is None:
             raise ValueError(
@@ -132,6 +135,9 @@ class RowsSchedule(Schedule):
         self.ins = list(spec.inputs)
         self.interactive = interactive
         self.ablated = {spec.index(s) for s in opts.ablate}
+        # a row holds every channel: output streams that are not heads are held
+        # silent, as ablated ones are (docs/design.md)
+        self.ablated |= set(self.outs) - set(self.heads)
         bad = [spec.names[c] for c in self.ablated if c not in self.outs]
         if bad:
             raise ValueError(f"Only output streams can be ablated, not {bad[0]!r}.")
@@ -158,14 +164,18 @@ class RowsSchedule(Schedule):
 
     @classmethod
     def from_options(
-        cls, model, tokenizer, *, rows=None, blocks=None, interactive=None, **limits
+        cls, model, tokenizer, *, rows=None, blocks=None, interactive=None, heads=None,
+        **limits,
     ) -> "RowsSchedule":
         """The schedule for ``Session``'s arguments; ``limits``: ``max_steps``,
         ``max_tokens``, ``stop_tokens``."""
         if blocks is not None:
             raise ValueError("blocks options apply to the blocks layout only.")
         opts = rows or RowsOptions.for_model(model)
-        return cls(model.streams, tokenizer, opts, interactive=interactive, **limits)
+        heads = model_heads(model, heads)
+        return cls(
+            model.streams, tokenizer, opts, interactive=interactive, heads=heads, **limits
+        )
 
     def _table(self, rows) -> List[List[int]]:
         table = []

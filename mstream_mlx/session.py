@@ -90,6 +90,7 @@ class Session:
             seeded results are the same either way; sampling from the global MLX RNG
             may differ when a launched step is redone (a head stopped).
         record_logits: fill ``StepEvent.logits_summary``.
+        heads: output streams that generate, in order (default: the model's; docs/generation.md).
     """
 
     def __init__(
@@ -109,6 +110,7 @@ class Session:
         prefill_step_size: int = DEFAULT_PREFILL_STEP,
         pipeline: Optional[bool] = None,
         record_logits: bool = False,
+        heads: Optional[Sequence[str]] = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -124,6 +126,7 @@ class Session:
         self.schedule = kind.from_options(
             model, tokenizer, rows=rows, blocks=blocks, interactive=interactive,
             max_steps=max_steps, max_tokens=max_tokens, stop_tokens=stop_tokens,
+            heads=heads,
         )
         input_default = per_channel[spec.outputs[0]]
         settings = {**{c: input_default for c in spec.inputs}, **per_channel}

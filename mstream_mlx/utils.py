@@ -12,6 +12,7 @@ from typing import Any, Dict, Optional, Tuple
 import mlx.nn as nn
 from mlx_lm.utils import load_config, load_model as lm_load_model, load_tokenizer
 
+from .heads import with_default_heads
 from .models import architectures, family_for, get_model_classes
 from .models.base import CHANNEL_KEY
 from .vocab import check_tokenizer_fits
@@ -103,7 +104,8 @@ def stream_facts(config: Dict[str, Any], shapes: Dict[str, Tuple[int, ...]]) -> 
     if "channel_names" not in ms:
         base = rows_spec(n) if ms["layout"] == ROWS else blocks_spec(n)
         ms = {**base.to_config(), **ms}
-    StreamSpec.from_config(ms, n)  # validate now: one clear error at load time
+    spec = StreamSpec.from_config(ms, n)  # validate now: one clear error at load time
+    ms = with_default_heads(config, ms, spec)  # docs/generation.md#heads
     return {"num_channels": n, "multistream": ms, **family.extra_facts(config)}
 
 

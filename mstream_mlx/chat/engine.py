@@ -31,6 +31,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import mlx.core as mx
 
 from ..events import StepEvent
+from ..heads import head_names
 from ..sample import SamplingSettings
 from ..schedules import DEFAULT_SYSTEM, BlocksOptions, schedule_class
 from ..session import Session
@@ -58,6 +59,7 @@ class ChatOptions:
         max_steps: timesteps per turn (blocks, and a plain-mode rows turn).
         system_prompt: blocks: the system block; rows: read first on the user stream.
         close_after: blocks: seconds the user block stays open for more text.
+        heads: the output streams that generate (``None``: the model's; docs/generation.md).
     """
 
     model: str
@@ -72,6 +74,7 @@ class ChatOptions:
     max_steps: Optional[int] = None
     system_prompt: Optional[str] = None
     close_after: float = 2.0
+    heads: Optional[Sequence[str]] = None
 
     def __post_init__(self):
         if self.tick < 0:
@@ -90,7 +93,7 @@ class ModelInfo:
     layout: str
     names: Tuple[str, ...]
     user: str  # the main input stream: rows "User", blocks "user"
-    outputs: Tuple[str, ...]
+    outputs: Tuple[str, ...]  # the heads: the output streams that generate
     silence_token: Optional[int]
 
     @property
@@ -122,7 +125,7 @@ def load_chat_model(opts: ChatOptions):
         layout=spec.layout,
         names=tuple(spec.names),
         user=spec.names[spec.inputs[-1]],
-        outputs=tuple(spec.names[c] for c in spec.outputs),
+        outputs=head_names(model, opts.heads),
         silence_token=spec.silence_token,
     )
     return model, tokenizer, info
@@ -141,7 +144,7 @@ def make_session(
         temp=opts.temp, top_p=opts.top_p, top_k=opts.top_k,
         method=schedule_class(info.layout).sampling_method,
     )
-    kwargs = dict(sampling=sampling, max_tokens=opts.max_tokens)
+    kwargs = dict(sampling=sampling, max_tokens=opts.max_tokens, heads=info.outputs)
     if info.layout == BLOCKS:
         close = opts.close_after <= 0 if close_user is None else close_user
         session = Session(

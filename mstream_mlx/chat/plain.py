@@ -49,6 +49,7 @@ def run_plain(
     name = info.label if info.label == opts.model else f"{info.label} ({opts.model})"
     print(f"[chat] model: {name} ({info.layout}; streams: {', '.join(info.names)})",
           file=err, flush=True)
+    print(f"[chat] heads: {', '.join(info.outputs)}", file=err, flush=True)
     transcript = Transcript(info, meta)
     session, index, tally = None, 0, None
     last = last_tally = None  # the last event and its session's tally

@@ -39,6 +39,8 @@ class ServerConfig:
         max_sessions: sessions (live ones and running completions) at once; one more is 429.
         max_body: request bodies larger than this many bytes are 413.
         idle_timeout: seconds a live session nobody listens to is kept.
+        heads: the output streams that generate (``None``: the model's); a request's
+            ``"heads"`` (a list of names) overrides it.
     """
 
     model: str
@@ -63,6 +65,7 @@ class ServerConfig:
     max_sessions: int = 8
     max_body: int = 1 << 20
     idle_timeout: float = 60.0
+    heads: Optional[Sequence[str]] = None
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
@@ -103,6 +106,16 @@ def text(body: Mapping[str, Any], key: str, default: Optional[str] = None) -> Op
     return value
 
 
+def heads(body: Mapping[str, Any], default: Optional[Sequence[str]]):
+    """A request's ``"heads"``: a list of output stream names (``Session`` checks them)."""
+    value = body.get("heads")
+    if value is None:
+        return default
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"'heads' must be a list of stream names, got {value!r}.")
+    return value
+
+
 def session_kwargs(
     model, cfg: ServerConfig, body: Mapping[str, Any], *, live: bool
 ) -> dict:
@@ -130,7 +143,7 @@ def session_kwargs(
         seed=seed,  # a private random stream per output stream: one request, one result
         method=method,
     )
-    kwargs = dict(sampling=sampling, max_tokens=max_tokens)
+    kwargs = dict(sampling=sampling, max_tokens=max_tokens, heads=heads(body, cfg.heads))
     if blocks:
         kwargs["max_steps"] = cfg.max_steps
         kwargs["blocks"] = BlocksOptions(
@@ -144,7 +157,11 @@ def session_kwargs(
     return kwargs
 
 
-def shown_streams(spec) -> list:
-    """The streams an event carries: all but the blocks system stream, as
-    ``generate --format jsonl`` shows them."""
-    return [n for c, n in enumerate(spec.names) if not (spec.layout == "blocks" and c == 0)]
+def shown_streams(spec, heads: Optional[Sequence[int]] = None) -> list:
+    """The streams an event carries: all but the blocks system stream and the output
+    streams that are not ``heads`` (channels), as ``generate --format jsonl`` shows them."""
+    return [
+        n for c, n in enumerate(spec.names)
+        if not (spec.layout == "blocks" and c == 0)
+        and (heads is None or c in spec.inputs or c in heads)
+    ]
