@@ -220,7 +220,8 @@ def test_summary_counts_what_was_read_and_said():
     assert read == 6 and 0 < said < quiet
 
     r = invoke("generate", "-p", BUNDLED_PROMPT)
-    prompt, generation = r.stderr.splitlines()[:2]
+    lines = r.stderr.splitlines()
+    prompt, generation = next(lines[i:i + 2] for i, l in enumerate(lines) if l[:7] == "Prompt:")
     assert prompt == f"Prompt: {read} tokens read while generating"
     steps, steps_tps, n, tps = (
         float(x) for x in re.findall(r"([\d.]+) (?:timesteps|tokens)", generation)
