@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 from typer.testing import CliRunner
@@ -280,3 +281,42 @@ def test_bench_targets_are_a_small_table():
         "| aggregate_grows_with_n | **no** | tokens_per_s 1: 100, 2: 90.5; "
         "stops_growing_at 2 |",
     ]
+
+
+# ---------------------------------------------------------------- chat screen
+
+needs_tmux = pytest.mark.skipif(
+    __import__("shutil").which("tmux") is None, reason="tmux is not installed"
+)
+
+
+@needs_tmux
+@pytest.mark.parametrize("size", [(80, 24), (100, 30)], ids=lambda s: "x".join(map(str, s)))
+def test_chat_screen_fits_and_keeps_the_answer_in_view(size):
+    from tests.test_chat import Tmux
+
+    w, h = size
+    tm = Tmux(f"edges-{w}")
+    try:
+        tm.tmux("resize-window", "-t", "t", "-x", str(w), "-y", str(h))
+        tm.keys(f"{sys.executable} -m mstream_mlx.cli.main chat --tick 0.05; echo EXIT=$?",
+                "Enter")
+        tm.wait(r"model: ", 60)
+        tm.type(BUNDLED_PROMPT)
+        tm.keys("Enter")
+        tm.wait(r"^Output: .*\b12\b", 60)
+        time.sleep(2.5)  # ~50 silent rows: without folding they would fill the ticker
+        s = tm.screen()
+        lines = s.splitlines()
+        assert len(lines) <= h and max(map(len, lines)) <= w
+        header, status = lines[0], next(l for l in lines if l.startswith(" t "))
+        assert "bundled default model · rows" in header and "…" not in header
+        assert re.fullmatch(r" t \d+ · [\d.]+ rows/s.* · [\d.]+ tok/s · .*", status), status
+        ticker = next(l for l in lines if l.startswith("Output:")).split()
+        assert "12" in ticker and re.fullmatch(r"-×\d+", ticker[-1]), ticker
+        assert int(ticker[-1][2:]) >= 20  # the silence after the answer, folded
+        assert re.search(r" 0\.0 tok/s", status)  # silence is not counted as tokens
+        tm.keys("C-c")
+        assert "EXIT=0" in tm.wait(r"EXIT=\d+")
+    finally:
+        tm.kill()
