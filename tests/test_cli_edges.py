@@ -1,6 +1,7 @@
 # Copyright © 2026 mstream-mlx contributors.
 """The command line's rough edges (issue 18): start-up imports, -h, flag help,
-diagnostics on stderr, widths, summary numbers. Fast: the bundled model at most."""
+diagnostics on stderr, widths, summary numbers, the chat screen at 80x24 and 100x30.
+Fast: the bundled model or tiny checkpoints."""
 
 import json
 import os
@@ -16,6 +17,7 @@ from typer.testing import CliRunner
 from mstream_mlx.cli.main import app
 
 HEAVY = ("torch", "transformers", "mlx_lm", "mlx.core")
+BUNDLED_PROMPT = "add five minus two add nine"
 
 
 def run_main(*argv: str, env=None) -> dict:
@@ -55,7 +57,7 @@ def test_help_and_version_import_nothing_heavy(argv):
 
 
 def test_generate_runs_without_importing_torch():
-    r = run_main("generate", "-p", "add five minus two add nine", "--no-color")
+    r = run_main("generate", "-p", BUNDLED_PROMPT, "--no-color")
     assert r["rc"] == 0, r
     assert "torch" not in r["heavy"] and "transformers" in r["heavy"]
     assert "12" in r["out"]  # the bundled model's running total
@@ -202,8 +204,6 @@ def test_parity_report_table_has_no_blank_lines(monkeypatch, capfd):
 
 
 # ------------------------------------------------------- numbers a user means
-
-BUNDLED_PROMPT = "add five minus two add nine"
 
 
 def test_summary_counts_what_was_read_and_said():
