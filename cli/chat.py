@@ -8,7 +8,6 @@ from typing import Optional
 import typer
 
 from mstream_mlx.checks import number, sampling_flags
-from mstream_mlx.utils import default_model_path
 
 from .common import (
     ADAPTER_PATH,
@@ -74,7 +73,7 @@ def chat_command(
     """Chat with a multi-stream model: type while it thinks and talks."""
     from mstream_mlx.chat import ChatEngine, ChatOptions, run_plain
     from mstream_mlx.heads import parse_heads
-    from mstream_mlx.utils import resolve_model_path
+    from mstream_mlx.utils import default_model_path, resolve_model_path
 
     with user_errors(RuntimeError):
         sampling_flags(temp=temp, top_p=top_p, top_k=top_k)

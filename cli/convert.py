@@ -2,6 +2,8 @@
 """``mstream-mlx convert`` (PyTorch checkpoint -> MLX folder) and ``mstream-mlx export``
 (MLX folder -> PyTorch safetensors): flags as ``mlx_lm.convert`` spells them."""
 
+import sys
+from contextlib import redirect_stdout
 from typing import Optional
 
 import typer
@@ -63,7 +65,7 @@ def convert(
     from mstream_mlx.heads import parse_heads
 
     # ImportError: a PyTorch .bin checkpoint and no torch installed
-    with user_errors(ImportError):
+    with user_errors(ImportError), redirect_stdout(sys.stderr):  # mlx-lm prints
         run(
             hf_path,
             mlx_path,
@@ -95,5 +97,5 @@ def export(
     """Export an MLX model folder as PyTorch safetensors the reference code loads."""
     from mstream_mlx.convert.mlx_to_torch import export as run
 
-    with user_errors(ImportError):
+    with user_errors(ImportError), redirect_stdout(sys.stderr):  # mlx-lm prints
         run(model, torch_path, dtype=dtype, force=force, revision=revision)

@@ -2,6 +2,9 @@
 """``mstream-mlx fuse``: merge trained adapters into a model folder (``mlx_lm.fuse``'s
 flags)."""
 
+import sys
+from contextlib import redirect_stdout
+
 import typer
 
 from .common import user_errors
@@ -27,7 +30,7 @@ def fuse(
     """Fuse LoRA/DoRA adapters (and the trained channel embedding) into a model."""
     from mstream_mlx.tuner.fuse import fuse as run
 
-    with user_errors():
+    with user_errors(), redirect_stdout(sys.stderr):  # mlx-lm prints
         run(
             model,
             adapter_path,

@@ -2,7 +2,10 @@
 """``mstream-mlx generate``: run a multi-stream model on a prompt and print every stream
 live (columns or interleaved lines, a colour per stream) or as JSON lines."""
 
+import contextlib
 import itertools
+import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -11,7 +14,6 @@ import typer
 
 from mstream_mlx.atomic import check_writable
 from mstream_mlx.checks import number, read_stdin, sampling_flags
-from mstream_mlx.utils import default_model_path
 
 from .common import (
     ADAPTER_PATH,
@@ -43,6 +45,8 @@ SAMPLING_KEYS = (
     "frequency_penalty",
     "seed",
 )
+# whitespace-only tokens in the column view, so that "-" means silence only
+VISIBLE = str.maketrans({" ": "␣", "\n": "↵", "\t": "⇥", "\r": "↵"})
 
 
 def _parse_pairs(text: str, what: str) -> Dict[str, str]:
@@ -125,6 +129,12 @@ class _Printer:
                 self.styles[name] = dict(fg=COLOURS[k % len(COLOURS)], bold=k == 0)
                 k += 1
         self.width = {n: max(len(n), 10) for n in shown}
+        # fit the terminal (COLUMNS or the tty's width; no limit when piped): 6 columns
+        # for "  t | ", 3 per separator
+        cols = shutil.get_terminal_size((0, 0)).columns
+        if cols and display == "columns":
+            fit = max(3, (cols - 6 - 3 * (len(shown) - 1)) // max(len(shown), 1))
+            self.width = {n: min(w, fit) for n, w in self.width.items()}
         self.last = None
 
     def style(self, text: str, name: str, dim: bool = False) -> str:
@@ -134,10 +144,7 @@ class _Printer:
 
     def header(self):
         if self.display == "columns":
-            cells = [
-                self.style(n.center(self.width[n])[: self.width[n]], n)
-                for n in self.shown
-            ]
+            cells = [self.style(_cell(n, self.width[n]), n) for n in self.shown]
             typer.echo("  t | " + " | ".join(cells))
 
     def event(self, ev):
@@ -154,11 +161,12 @@ class _Printer:
                     else (
                         "-"
                         if tok == sil
-                        else self.tokenizer.decode([tok]).strip() or "-"
+                        else _word(self.tokenizer.decode([tok]))
                     )
                 )
-                w = self.width[n]
-                cells.append(self.style(word[:w].center(w), n, dim=tok in (None, sil)))
+                cells.append(
+                    self.style(_cell(word, self.width[n]), n, dim=tok in (None, sil))
+                )
             typer.echo(f"{ev.t:3d} | " + " | ".join(cells))
             return
         for n in self.shown:
@@ -176,6 +184,16 @@ class _Printer:
     def end(self):
         if self.display == "lines" and self.last is not None:
             typer.echo()
+
+
+def _word(text: str) -> str:
+    """A token's text in one cell: stripped, or its whitespace made visible."""
+    return text.strip() or text.translate(VISIBLE) or "∅"
+
+
+def _cell(word: str, width: int) -> str:
+    """``word`` centred in ``width`` columns, cut with an ellipsis if longer."""
+    return (word if len(word) <= width else word[: width - 1] + "…").center(width)
 
 
 def generate_command(
@@ -262,7 +280,8 @@ def generate_command(
     display: Optional[str] = typer.Option(
         None,
         "--display",
-        help="columns (side by side) or lines (interleaved); default columns, lines for one stream.",
+        help="columns (side by side; - is silence, ␣ ↵ whitespace tokens) or lines "
+        "(interleaved); default columns, lines for one stream.",
     ),
     no_color: bool = typer.Option(False, "--no-color", help="No ANSI colours."),
     interrupt: List[str] = typer.Option(
@@ -367,12 +386,14 @@ def generate_command(
         from mstream_mlx import BlocksOptions, RowsOptions, SamplingSettings
         from mstream_mlx.checks import read_json
         from mstream_mlx.streams import BLOCKS
+        from mstream_mlx.utils import default_model_path
 
         if seed is not None:
             mx.random.seed(seed)
-        net, tokenizer = mstream_mlx.load(
-            model or str(default_model_path()), adapter_path=adapter_path
-        )
+        with contextlib.redirect_stdout(sys.stderr):  # stdout is for the streams only
+            net, tokenizer = mstream_mlx.load(
+                model or str(default_model_path()), adapter_path=adapter_path
+            )
         spec = net.streams
         blocks = spec.layout == BLOCKS
         heads = chosen_heads(net, heads)  # one line for a bad name
@@ -466,13 +487,14 @@ def generate_command(
 
 def _show(events, printer: _Printer, shown: List[str], text: bool):
     """Print every event (text or JSON lines), then mlx-lm's summary on stderr."""
-    from mstream_mlx.generate import print_summary
+    from mstream_mlx.generate import Tally, print_summary
 
     if text:
         typer.echo("=" * 10)
         printer.header()
     event = None
-    for event in events:
+    tally = Tally(printer.spec)
+    for event in map(tally.add, events):
         if text:
             printer.event(event)
         else:
@@ -481,4 +503,4 @@ def _show(events, printer: _Printer, shown: List[str], text: bool):
         printer.end()
         typer.echo("=" * 10)
     if event is not None:
-        print_summary(event)
+        print_summary(event, tally=tally)

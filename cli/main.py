@@ -10,6 +10,11 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     help="Multi-stream LLMs on MLX: generate, chat, convert, lora, fuse, bench.",
+    # -h as mlx-lm accepts it, on every command (subcommands inherit it)
+    context_settings={"help_option_names": ["-h", "--help"]},
+    # click's plain help, as mlx-lm's argparse prints: nothing cut at 80 columns, flags
+    # shown as flags, and no rich/markdown import (0.3 s of every `--help`)
+    rich_markup_mode=None,
 )
 
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"
@@ -61,6 +66,7 @@ def _prefer_openblas():
     preload = os.environ.get("LD_PRELOAD", "")
     if (
         sys.platform != "linux"
+        or _wants_help()  # help computes nothing: no second start
         or not os.path.exists(OPENBLAS)
         or "openblas" in preload
         or os.environ.get("MSTREAM_MLX_NO_PRELOAD")
@@ -71,8 +77,35 @@ def _prefer_openblas():
     os.execve(sys.executable, argv, env)
 
 
+def _wants_help() -> bool:
+    return len(sys.argv) < 2 or bool({"-h", "--help"} & set(sys.argv[1:]))
+
+
+# Commands that never need torch (a reference checkpoint imports it when it is read).
+NO_TORCH = ("generate", "chat", "server", "lora", "fuse")
+
+
+def _import_mlx_lm_without_torch():
+    """Import mlx-lm as an install without torch would see it.
+
+    mlx-lm imports transformers, and transformers imports torch whenever it is installed
+    (1-1.5 s, more than the rest of a `generate` run together: docs/linux.md) only to
+    offer PyTorch tensors, which mlx-lm never asks for. ``sys.modules["torch"] = None``
+    makes transformers see no torch while it is imported; a later ``import torch`` (a
+    reference checkpoint, ``convert``) works as usual.
+    """
+    if _wants_help() or sys.argv[1] not in NO_TORCH or "transformers" in sys.modules:
+        return
+    sys.modules["torch"] = None
+    try:
+        import mlx_lm  # noqa: F401
+    finally:
+        del sys.modules["torch"]
+
+
 def main():
     _prefer_openblas()
+    _import_mlx_lm_without_torch()
     app(prog_name="mstream-mlx")
 
 

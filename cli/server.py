@@ -9,7 +9,6 @@ from typing import List, Optional
 import typer
 
 from mstream_mlx.checks import number, sampling_flags
-from mstream_mlx.utils import default_model_path
 
 from .common import ADAPTER_PATH, HEADS, MODEL, SEED, choice, user_errors
 
@@ -83,6 +82,7 @@ def server_command(
         logging.basicConfig(level=level, format="%(message)s")
         from mstream_mlx.heads import parse_heads
         from mstream_mlx.server import ServerConfig, serve
+        from mstream_mlx.utils import default_model_path
 
         cfg = ServerConfig(
             model=model or str(default_model_path()),

@@ -2,11 +2,11 @@
 """Convert a checkpoint written by the reference PyTorch code into an MLX folder,
 optionally quantized, then load it and look at its streams.
 
-    python examples/convert_checkpoint.py SRC DST [--quantize]
+    python examples/convert_checkpoint.py SRC DST [--quantize] [--force]
 
 SRC is a local folder or a Hub id (Qwen3ForMultiStream, Qwen2ForMultiStream, a §7
 Qwen3ForCausalLM with num_channels, StreamQwen3_5ForCausalLM, or a plain Qwen base).
-The same as `mstream-mlx convert --hf-path SRC --mlx-path DST [-q]`.
+The same as `mstream-mlx convert --hf-path SRC --mlx-path DST [-q] [--force]`.
 """
 
 import sys
@@ -18,9 +18,13 @@ from mstream_mlx.streams import rows_to_flat
 # --- settings ---------------------------------------------------------------------
 SRC, DST = sys.argv[1], sys.argv[2]
 QUANTIZE = "--quantize" in sys.argv  # 4-bit affine, group 64 (a Mac feature; slow on CPU)
+FORCE = "--force" in sys.argv  # replace an existing DST
 # ---------------------------------------------------------------------------------
 
-folder = convert(SRC, DST, quantize=QUANTIZE)
+try:
+    folder = convert(SRC, DST, quantize=QUANTIZE, force=FORCE)
+except (ValueError, OSError) as e:  # a bad SRC, an existing DST: one line, no traceback
+    sys.exit(f"Error: {e}")
 model, tokenizer = mstream_mlx.load(str(folder))
 spec = model.streams
 print(f"{folder}: {spec.layout} model with streams {', '.join(spec.names)}")

@@ -101,7 +101,8 @@ def generate(
     """
     texts: Dict[str, str] = {}
     event = None
-    for event in stream_generate(model, tokenizer, prompt, **kwargs):
+    tally = Tally(model.streams)
+    for event in map(tally.add, stream_generate(model, tokenizer, prompt, **kwargs)):
         for name, delta in event.text.items():
             texts[name] = texts.get(name, "") + delta
     outputs = list(head_names(model, kwargs.get("heads")))
@@ -109,18 +110,49 @@ def generate(
     if verbose and event is not None:
         for n in outputs:
             print(f"[{n}] {result[n]}")
-        print("\n".join(summary_lines(event)))
+        print("\n".join(summary_lines(event, tally)))
     return result
 
 
-def summary_lines(event: StepEvent) -> List[str]:
+class Tally:
+    """Tokens as a user counts them, over a run's events: ``read`` on the input streams
+    while generating (the rows layout reads its prompt one token per row) and ``said``
+    on the output streams, silence left out (rows write it in every empty cell)."""
+
+    def __init__(self, spec):
+        self.silence = spec.silence_token
+        self.inputs = {spec.names[c] for c in spec.inputs}
+        self.read = self.said = 0
+
+    def add(self, event: StepEvent) -> StepEvent:
+        for name, tok in event.tokens.items():
+            if tok is not None and tok != self.silence:
+                if name in self.inputs:
+                    self.read += 1
+                else:
+                    self.said += 1
+        return event
+
+
+def summary_lines(event: StepEvent, tally: Optional[Tally] = None) -> List[str]:
     """mlx-lm's closing lines (``Prompt: ...``, ``Generation: ...``, ``Peak memory``)
-    plus the multi-stream latency line."""
+    plus the multi-stream latency line. With the run's ``tally``, tokens are counted
+    as a user means them (prompt tokens read while generating, no silence)."""
+    read = tally.read if tally else 0
+    said = tally.said if tally else event.generation_tokens
+    steps = event.generation_timesteps
+    said_tps = said * event.timesteps_per_sec / steps if steps else 0.0
+    prompt = []
+    if event.prompt_tokens or not read:
+        prompt.append(f"{event.prompt_tokens} tokens, {event.prompt_tps:.3f} tokens-per-sec")
+    if read:
+        prompt.append(f"{read} tokens read while generating")
+    silence = event.generation_tokens - said
     lines = [
-        f"Prompt: {event.prompt_tokens} tokens, {event.prompt_tps:.3f} tokens-per-sec",
-        f"Generation: {event.generation_timesteps} timesteps, "
-        f"{event.timesteps_per_sec:.3f} timesteps-per-sec, {event.generation_tokens} tokens, "
-        f"{event.tokens_per_sec:.3f} tokens-per-sec",
+        f"Prompt: {', '.join(prompt)}",
+        f"Generation: {steps} timesteps, {event.timesteps_per_sec:.3f} timesteps-per-sec, "
+        f"{said} tokens, {said_tps:.3f} tokens-per-sec"
+        + (f" ({silence} silence tokens not counted)" if silence else ""),
     ]
     if event.ttft is not None:
         lines.append(
@@ -131,5 +163,5 @@ def summary_lines(event: StepEvent) -> List[str]:
     return lines
 
 
-def print_summary(event: StepEvent, file=None):
-    print("\n".join(summary_lines(event)), file=file or sys.stderr)
+def print_summary(event: StepEvent, file=None, tally: Optional[Tally] = None):
+    print("\n".join(summary_lines(event, tally)), file=file or sys.stderr)

@@ -24,16 +24,17 @@ def main():
     else:
         ref_name = f"PyTorch on CPU ({platform.processor() or platform.machine()})"
     tf32 = os.environ.get("MLX_ENABLE_TF32", "default")
-    print(f"MLX device: {mx.default_device()} (MLX_ENABLE_TF32={tf32}) | reference: {ref_name}\n")
-    header = " | ".join(f"{t} {'tied' if tied else 'untied'}" for t, tied in FAMILIES)
-    print(f"| case | {header} |")
-    print("|---" * (len(FAMILIES) + 1) + "|")
     with tempfile.TemporaryDirectory() as tmp:
+        # built before the table: the tokenizer trainer writes blank lines to stdout
         pairs = []
         for t, tied in FAMILIES:
             folder = make_checkpoint(Path(tmp) / f"{t}-{tied}", t, "rows", tied=tied)
             model, tok = mstream_mlx.load(folder)
             pairs.append((model, RefModel.from_pretrained(folder), tok))
+        print(f"MLX device: {mx.default_device()} (MLX_ENABLE_TF32={tf32}) | reference: {ref_name}\n")
+        header = " | ".join(f"{t} {'tied' if tied else 'untied'}" for t, tied in FAMILIES)
+        print(f"| case | {header} |")
+        print("|---" * (len(FAMILIES) + 1) + "|")
         for name, case in CASES.items():
             cells = " | ".join(f"{case(*p):.1e}" for p in pairs)
             print(f"| {name} | {cells} |")

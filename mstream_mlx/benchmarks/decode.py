@@ -24,7 +24,6 @@ Everything is warmed up before timing and reported as the median over repeats.
 
 import dataclasses
 import importlib
-import json
 import platform
 import statistics
 import time
@@ -818,11 +817,18 @@ def format_tables(report: dict) -> str:
             f"{_f(e['ours_rows']['peak_memory_gb'], '.2f')} / "
             f"{_f(e['mlx_lm']['peak_memory_gb'], '.2f')} |"
         )
-    lines.append("")
+    lines += ["", "| target | met | measured |", "|---|---|---|"]
     for key, t in report["targets"].items():
         if "met" in t:
-            detail = {k: v for k, v in t.items() if k != "met"}
-            lines.append(
-                f"- {key}: {'met' if t['met'] else 'NOT met'} {json.dumps(detail)}"
-            )
+            detail = "; ".join(f"{k} {_brief(v)}" for k, v in t.items() if k != "met")
+            lines.append(f"| {key} | {'yes' if t['met'] else '**no**'} | {detail} |")
     return "\n".join(lines)
+
+
+def _brief(value) -> str:
+    """A measured value in a table cell: floats to 3 digits, mappings flattened."""
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {_brief(v)}" for k, v in value.items())
+    return "-" if value is None else str(value)

@@ -22,7 +22,7 @@ import time
 from typing import Dict, Optional, TextIO
 
 from ..checks import is_text
-from ..generate import summary_lines
+from ..generate import Tally, summary_lines
 from ..streams import BLOCKS
 from .engine import ChatOptions, load_chat_model, make_session
 from .transcript import Transcript
@@ -54,7 +54,8 @@ def run_plain(
           file=err, flush=True)
     print(f"[chat] heads: {', '.join(info.outputs)}", file=err, flush=True)
     transcript = Transcript(info, meta)
-    session, index, last = None, 0, None
+    session, index, tally = None, 0, None
+    last = last_tally = None  # the last event and its session's tally
     for line in stdin:
         text = line.strip()
         if not text:
@@ -95,6 +96,7 @@ def run_plain(
                     transcript.end("cut")
                 index += 1
                 session = make_session(model, tokenizer, info, opts, [text], close_user=True)
+                tally = Tally(model.streams)  # a session's events count from its start
                 transcript.start(index, [text])
             else:
                 session.feed(info.user, text)
@@ -102,13 +104,15 @@ def run_plain(
         except ValueError as e:
             print(f"[chat] {e}", file=err, flush=True)
             continue
-        last = _turn(session, info, opts, transcript, hide_thinking, out) or last
+        event = _turn(session, info, opts, transcript, hide_thinking, out, tally)
+        if event is not None:
+            last, last_tally = event, tally
     if last is not None:
-        print("\n".join(summary_lines(last)), file=err, flush=True)
+        print("\n".join(summary_lines(last, last_tally)), file=err, flush=True)
     return 0
 
 
-def _turn(session, info, opts, transcript, hide_thinking, out):
+def _turn(session, info, opts, transcript, hide_thinking, out, tally):
     """Step until the turn ends; print the first output live, then the others."""
     rows = info.layout != BLOCKS
     limit = opts.max_steps or PLAIN_TURN_ROWS
@@ -117,7 +121,7 @@ def _turn(session, info, opts, transcript, hide_thinking, out):
     out.flush()
     steps, spoke, quiet, event, started = 0, False, 0, None, False
     while not session.done:
-        event = session.step()
+        event = tally.add(session.step())
         transcript.add(event)
         steps += 1
         for n in info.outputs:

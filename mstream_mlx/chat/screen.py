@@ -22,13 +22,14 @@ worker reports.
 """
 
 import curses
+import itertools
 import os
 import textwrap
 from collections import deque
 from typing import Deque, Dict, List, Optional, Tuple
 
 from ..streams import BLOCKS
-from .engine import ChatEngine, Ended, Failed, Ready, Started, Stepped
+from .engine import RATE_WINDOW, ChatEngine, Ended, Failed, Ready, Started, Stepped
 from .transcript import YOU, Transcript
 
 FRAME_MS = 30  # key poll / redraw period
@@ -314,7 +315,7 @@ class ChatScreen:
         label = f" streams (Tab {'hides' if self.show_thinking else 'shows'} thinking) "
         self._put(y, 0, "─" + label + "─" * w, self.attrs["dim"])
         self._ticker(y + 1, shown, w)
-        self._put(h - 2, 0, self._status(), self.attrs["dim"])
+        self._put(h - 2, 0, self._status(w), self.attrs["dim"])
         prompt = f" {YOU}: "
         self._put(h - 1, 0, prompt, self._stream_attr(YOU) | curses.A_BOLD)
         room = w - len(prompt) - 2
@@ -338,10 +339,15 @@ class ChatScreen:
 
     def _header(self, w: int):
         info = self.info
-        left = " mstream-mlx chat"
-        if info is not None:
-            left += f" · {info.label} · {info.layout}, {len(info.names)} streams"
-        right = f"{self._state()}  [Tab] thinking  [^C] quit "
+        name, keys = ["mstream-mlx chat"], ["[Tab] thinking", "[^C] quit"]
+        about = [info.label, f"{info.layout}, {len(info.names)} streams"] if info else []
+        # to fit, drop the least useful first: the keys (/help lists them), the name
+        while True:
+            left = " " + " · ".join(name + about)
+            right = "  ".join([self._state(), *keys]) + " "
+            if len(left) + len(right) + 1 <= w or not (keys or name and about):
+                break
+            (keys if keys else name).pop()
         if len(left) + len(right) + 1 > w:
             left = left[: max(0, w - len(right) - 2)] + "…"
         line = left + " " * max(1, w - len(left) - len(right)) + right
@@ -395,7 +401,7 @@ class ChatScreen:
         label_w = min(12, max(len(n) for n in shown)) + 2
         cw = 10 if w >= 110 else 8  # the reference: 10-character cells
         n_cells = max(1, (w - label_w - 1) // cw)
-        cols = list(self.columns)[-n_cells:]
+        cols = self._folded(n_cells, shown)
         x0 = label_w + (n_cells - len(cols)) * cw  # newest at the right edge
         for row, name in enumerate(shown):
             y = top + row
@@ -411,22 +417,63 @@ class ChatScreen:
                 cattr = attr | (self.attrs["dim"] if kind == "sil" else 0)
                 self._put(y, x0 + i * cw, text.center(cw - 1), cattr)
 
-    def _status(self) -> str:
+    def _folded(self, n_cells: int, shown: Tuple[str, ...]) -> List[Dict]:
+        """The newest ``n_cells`` ticker columns, each run of columns where every shown
+        stream is silent folded into one ``-×N`` column, so the last words stay in view."""
+        out: List[Dict] = []
+        run: List[Dict] = []
+
+        def flush():
+            fold = {n: (f"-×{len(run)}", "sil") for n in shown}
+            out.extend(run if len(run) < 2 else [fold])
+            run.clear()
+
+        for col in reversed(self.columns):
+            if len(out) >= n_cells:
+                break
+            if col and all(col.get(n) is None or col[n][1] == "sil" for n in shown):
+                run.append(col)
+                continue
+            flush()
+            out.append(col)
+        flush()
+        return out[:n_cells][::-1]
+
+    def _said_per_sec(self, s: Stepped) -> float:
+        """Output tokens per second without silence: the engine's rate (silence
+        included) times the share of non-silence output cells over its window."""
+        k = max(1, round(s.rate * RATE_WINDOW))
+        cells = [
+            c for col in itertools.islice(reversed(self.columns), k)
+            for n, c in col.items() if n in self.info.outputs and c is not None
+        ]
+        return s.tokens_per_sec * sum(c[1] != "sil" for c in cells) / max(len(cells), 1)
+
+    def _status(self, w: int) -> str:
         s = self.stats
         unit = "steps/s" if self.info is not None and self.info.layout == BLOCKS else "rows/s"
         tick = self.engine.opts.tick
         pace = f"tick {tick:g} s" if tick > 0 else "tick 0 (full speed)"
         if s is None:
             return f" t -  ·  {pace}"
-        return "  ·  ".join([
-            f" t {s.event.t}",
-            f"{s.rate:.1f} {unit} (model {s.model_rate:.0f}/s)",
-            f"{s.tokens_per_sec:.1f} tok/s",
-            f"queued {s.queued}",
-            f"mem {_size(s.memory)} (peak {_size(s.event.peak_memory)})",
-            pace,
-        ])
+        fields = [
+            [f" t {s.event.t}"],
+            [f"{s.rate:.1f} {unit}", f"(model {s.model_rate:.0f}/s)"],
+            [f"{self._said_per_sec(s):.1f} tok/s"],
+            [f"queued {s.queued}"],
+            [f"mem {_size(s.memory)}", f"(peak {_size(s.event.peak_memory)})"],
+            [pace],
+        ]
+        def line(sep: str) -> str:
+            return sep.join(" ".join(f) for f in fields if f)
 
+        # to fit, narrow the separators, then drop the least useful first
+        sep = "  ·  " if len(line("  ·  ")) < w else " · "
+        for field, piece in [(1, 1), (4, 1), (5, 0), (3, 0), (4, 0)]:
+            if len(line(sep)) < w:
+                break
+            fields[field].pop(piece)
+        return line(sep)
 
 def _size(gb: float) -> str:
     return f"{gb:.2f} GB" if gb >= 1 else f"{gb * 1e3:.1f} MB"
