@@ -61,7 +61,8 @@ def _prefer_openblas():
     """Re-exec once with Debian's OpenBLAS preloaded (Linux only).
 
     MLX's Linux CPU wheel bundles reference BLAS (~2.5 GFLOP/s fp32); OpenBLAS gives
-    the same results 17-80x faster depending on load (docs/linux.md), but only if loaded before the process starts.
+    the same results 17-80x faster depending on load (docs/linux.md), but only if
+    loaded before the process starts.
     """
     preload = os.environ.get("LD_PRELOAD", "")
     if (
