@@ -123,8 +123,10 @@ def stream_attention(
     such a call to cuDNN, which builds one graph per key length: a new graph every
     step (measured 13-15 steps/s for 3 or 10 streams on an H100, 0.6B).  There, few
     queries go through :func:`masked_attention` instead; elsewhere (CPU, Metal, whose
-    fused kernels take masks) through ``mx.fast.scaled_dot_product_attention``.
+    fused kernels take masks) through ``mx.fast.scaled_dot_product_attention``.  A
+    quantized cache (``cache.bits``) goes through mlx-lm's quantized SDPA.
     """
-    if isinstance(mask, mx.array) and q.shape[2] <= SMALL_QUERY and _on_cuda():
+    quantized = hasattr(cache, "bits")
+    if isinstance(mask, mx.array) and q.shape[2] <= SMALL_QUERY and _on_cuda() and not quantized:
         return masked_attention(q, k, v, scale, mask)
     return scaled_dot_product_attention(q, k, v, cache, scale=scale, mask=mask)
