@@ -418,7 +418,7 @@ class ChatScreen:
         if s is None:
             return f" t -  ·  {pace}"
         return "  ·  ".join([
-            f" t {s.event.t}",
+            f" t {s.event.t}" + ("  ·  idle: the clock waits for you" if s.idle else ""),
             f"{s.rate:.1f} {unit} (model {s.model_rate:.0f}/s)",
             f"{s.tokens_per_sec:.1f} tok/s",
             f"queued {s.queued}",
