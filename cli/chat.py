@@ -11,7 +11,11 @@ from mstream_mlx.utils import default_model_path
 
 from .common import (
     ADAPTER_PATH,
+    KV_BITS,
+    KV_GROUP_SIZE,
+    KV_WINDOW,
     MODEL,
+    QUANTIZED_KV_START,
     SEED,
     SYSTEM_PROMPT,
     TEMP,
@@ -21,6 +25,7 @@ from .common import (
 )
 
 TICK_SCREEN = 0.2  # default seconds per timestep full screen: readable as it scrolls
+IDLE_PAUSE = 16  # rows: below the bundled model's trained pauses (24 rows at most)
 
 
 def chat_command(
@@ -61,6 +66,16 @@ def chat_command(
         "--hide-thinking",
         help="Start with the thinking/auditor streams hidden (Tab toggles).",
     ),
+    kv_bits: Optional[int] = KV_BITS,
+    kv_group_size: int = KV_GROUP_SIZE,
+    quantized_kv_start: int = QUANTIZED_KV_START,
+    kv_window: Optional[int] = KV_WINDOW,
+    idle_pause: int = typer.Option(
+        IDLE_PAUSE,
+        "--idle-pause",
+        help="Rows: stop the clock after this many all-silent rows with nothing typed, "
+        "until you type again (0 = never).",
+    ),
     plain: bool = typer.Option(
         False,
         "--plain",
@@ -93,6 +108,11 @@ def chat_command(
             max_steps=max_steps,
             system_prompt=system_prompt,
             close_after=close_after,
+            kv_bits=kv_bits,
+            kv_group_size=kv_group_size,
+            quantized_kv_start=quantized_kv_start,
+            kv_window=kv_window,
+            idle_pause=0 if plain else idle_pause,  # plain: the clock runs per turn only
         )
         # what a saved transcript records about this run
         meta = {
@@ -107,6 +127,9 @@ def chat_command(
                 "system_prompt": system_prompt,
                 "close_after": close_after,
                 "tick": tick,
+                "kv_bits": kv_bits,
+                "kv_window": kv_window,
+                "idle_pause": idle_pause,
             },
         }
         if plain:
