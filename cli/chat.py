@@ -3,6 +3,7 @@
 live (full screen), or line by line when stdin is not a terminal (``--plain``)."""
 
 import sys
+from dataclasses import replace
 from typing import Optional
 
 import typer
@@ -112,7 +113,7 @@ def chat_command(
             kv_group_size=kv_group_size,
             quantized_kv_start=quantized_kv_start,
             kv_window=kv_window,
-            idle_pause=0 if plain else idle_pause,  # plain: the clock runs per turn only
+            idle_pause=idle_pause,
         )
         # what a saved transcript records about this run
         meta = {
@@ -133,6 +134,7 @@ def chat_command(
             },
         }
         if plain:
+            opts = replace(opts, idle_pause=0)  # plain: the clock runs per turn only
             raise typer.Exit(run_plain(opts, hide_thinking=hide_thinking, meta=meta))
 
         from mstream_mlx.chat.screen import ChatScreen

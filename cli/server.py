@@ -10,7 +10,17 @@ import typer
 
 from mstream_mlx.utils import default_model_path
 
-from .common import ADAPTER_PATH, MODEL, SEED, choice, user_errors
+from .common import (
+    ADAPTER_PATH,
+    KV_BITS,
+    KV_GROUP_SIZE,
+    KV_WINDOW,
+    MODEL,
+    QUANTIZED_KV_START,
+    SEED,
+    choice,
+    user_errors,
+)
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -70,6 +80,10 @@ def server_command(
     log_level: str = typer.Option(
         "INFO", "--log-level", help="DEBUG, INFO, WARNING, ERROR or CRITICAL."
     ),
+    kv_bits: Optional[int] = KV_BITS,
+    kv_group_size: int = KV_GROUP_SIZE,
+    quantized_kv_start: int = QUANTIZED_KV_START,
+    kv_window: Optional[int] = KV_WINDOW,
 ):
     """Serve a multi-stream model: OpenAI-compatible API, live sessions, a page at /."""
     with user_errors(RuntimeError):
@@ -100,6 +114,10 @@ def server_command(
             max_sessions=max_sessions,
             max_body=max_body,
             idle_timeout=idle_timeout,
+            kv_bits=kv_bits,
+            kv_group_size=kv_group_size,
+            quantized_kv_start=quantized_kv_start,
+            kv_window=kv_window,
         )
         if cfg.host not in LOOPBACK:
             typer.echo(

@@ -30,6 +30,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 
+from ..cache import KVPolicy
 from ..events import StepEvent
 from ..sample import SamplingSettings
 from ..schedules import DEFAULT_SYSTEM, BlocksOptions, RowsOptions, schedule_class
@@ -89,6 +90,9 @@ class ChatOptions:
             raise ValueError(f"--close-after must be >= 0 seconds, got {self.close_after}.")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"--max-steps must be >= 1, got {self.max_steps}.")
+        if self.idle_pause < 0:
+            raise ValueError(f"--idle-pause must be >= 0, got {self.idle_pause}.")
+        KVPolicy(None, self.kv_bits, self.kv_group_size, self.quantized_kv_start, self.kv_window)
 
 
 @dataclass(frozen=True)

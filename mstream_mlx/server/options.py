@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
 from mstream_mlx import BlocksOptions, SamplingSettings
+from mstream_mlx.cache import KVPolicy
 
 LIVE_ROWS_STEPS = 100_000  # rows: a live session has no row limit worth meeting
 SAMPLERS = ("reference", "mlx")
@@ -39,6 +40,8 @@ class ServerConfig:
         max_sessions: sessions (live ones and running completions) at once; one more is 429.
         max_body: request bodies larger than this many bytes are 413.
         idle_timeout: seconds a live session nobody listens to is kept.
+        kv_bits, kv_group_size, quantized_kv_start, kv_window: every session's KV
+            cache bounds (``Session``'s; ``kv_window`` is ``max_kv_timesteps``).
     """
 
     model: str
@@ -63,6 +66,10 @@ class ServerConfig:
     max_sessions: int = 8
     max_body: int = 1 << 20
     idle_timeout: float = 60.0
+    kv_bits: Optional[int] = None
+    kv_group_size: int = 64
+    quantized_kv_start: int = 5000
+    kv_window: Optional[int] = None
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
@@ -75,6 +82,7 @@ class ServerConfig:
             raise ValueError(f"--max-sessions must be >= 1, got {self.max_sessions}.")
         if self.max_body < 1:
             raise ValueError(f"--max-body must be >= 1 byte, got {self.max_body}.")
+        KVPolicy(None, self.kv_bits, self.kv_group_size, self.quantized_kv_start, self.kv_window)
         # the defaults must make a valid SamplingSettings: fail at start, not per request
         SamplingSettings(
             temp=self.temp, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
@@ -130,7 +138,11 @@ def session_kwargs(
         seed=seed,  # a private random stream per output stream: one request, one result
         method=method,
     )
-    kwargs = dict(sampling=sampling, max_tokens=max_tokens)
+    kwargs = dict(
+        sampling=sampling, max_tokens=max_tokens, kv_bits=cfg.kv_bits,
+        kv_group_size=cfg.kv_group_size, quantized_kv_start=cfg.quantized_kv_start,
+        max_kv_timesteps=cfg.kv_window,
+    )
     if blocks:
         kwargs["max_steps"] = cfg.max_steps
         kwargs["blocks"] = BlocksOptions(
