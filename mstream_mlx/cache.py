@@ -239,9 +239,11 @@ class KVPolicy:
         if policy.kv_bits is not None:
             head = getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
             if head % policy.kv_group_size:
+                fit = [g for g in GROUP_SIZES if head % g == 0]
+                hint = f"pass --kv-group-size {fit[-1]}" if fit else "its KV cannot be quantized"
                 raise ValueError(
                     f"kv_group_size {policy.kv_group_size} does not divide the model's head "
-                    f"size {head}; pass --kv-group-size 32."
+                    f"size {head}; {hint}."
                 )
         windowed = policy.max_kv_timesteps is not None or policy.kv_bits is not None
         if windowed and not all(isinstance(c, StreamKVCache) for c in cache):

@@ -160,6 +160,24 @@ def test_session_prompt_cache_file_with_a_window_and_quantized_kv(demo, tmp_path
     assert texts[0] == texts[1] and texts[0]
 
 
+def test_blocks_window_keeps_the_system_block(tiny_checkpoint):
+    model, tok = mstream_mlx.load(tiny_checkpoint("qwen3", "blocks"))
+
+    def run(**kw):
+        s = Session(model, tok, max_steps=60, **kw)
+        s.feed("user", "hello there how are you")
+        list(s)
+        return s
+
+    full = run()
+    assert run(max_kv_timesteps=10_000).tokens == full.tokens  # never evicts
+    s = run(max_kv_timesteps=5)
+    ys, keep = s.cache[0].host_ys[0], s.cache[0].keep
+    prompt = full.cache[0].host_ys[0][:keep]
+    assert keep > 0 and np.array_equal(ys[:keep], prompt)  # the system block stays
+    assert ys[keep:].min() >= ys.max() - 5
+
+
 def test_positions_past_the_trained_range_end_the_run(demo):
     model, tok = demo
     saved = model.args.max_position_embeddings
