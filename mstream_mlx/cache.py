@@ -140,6 +140,9 @@ def push_positions(caches: List[StreamKVCache], positions: mx.array):
     and a host copy per layer per step)."""
     first = caches[0]
     first.push_positions(positions)
+    # Nothing else evaluates ys while the mask's shortcuts skip it: unevaluated, each
+    # step's update would chain onto the last and hold its inputs forever.
+    mx.async_eval(first.ys)
     for c in caches[1:]:
         if c.offset == first.offset:
             c.ys, c.max_y, c.host_ys = first.ys, first.max_y, first.host_ys

@@ -243,18 +243,21 @@ def test_bad_values_are_one_clear_line(demo):
 
 
 def test_memory_is_flat_over_a_long_windowed_run(demo):
-    """3,000 interactive rows with a 64-timestep window: the cache stops growing and
-    MLX's active memory stays within 5% between row 1,000 and row 3,000."""
+    """3,000 interactive rows with a 64-timestep window, a sum typed every 60 rows: the
+    cache stops growing and MLX's active memory stays within 1% between row 1,000 and
+    row 3,000 (the issue asks 5%; it was 0.0% when measured: an unevaluated ys array
+    used to grow by ~40 bytes a row)."""
     model, tok = demo
     s = Session(model, tok, interactive=True, max_steps=3_000, max_kv_timesteps=64)
     s.feed("User", SUM)
     mem = {}
     for event in s:
+        if event.t % 60 == 0 and not s.done:
+            s.feed("User", "add three")
         if event.t in (1_000, 3_000):
-            mx.eval([c.state for c in s.cache])
             mem[event.t] = mx.get_active_memory()
             assert s.cache[0].offset == 65 * C
-    assert mem[3_000] <= 1.05 * mem[1_000], mem
+    assert mem[3_000] <= 1.01 * mem[1_000], mem
 
 
 def said(screen: str) -> list:
