@@ -5,7 +5,7 @@ long chat, the demo task's exact match with bounded caches, decode speed with 8-
     python -m mstream_mlx.benchmarks.long_session kv-bytes
     python -m mstream_mlx.benchmarks.long_session memory --steps 20000 --kv-window 1024
     python -m mstream_mlx.benchmarks.long_session quality --data /tmp/demo/data/stream --limit 200
-    python -m mstream_mlx.benchmarks.long_session speed --shape qwen3-0.6b --context 2048
+    python -m mstream_mlx.benchmarks.long_session speed --shape tiny --context 8192
 
 Each prints one JSON object.
 """
@@ -129,18 +129,19 @@ def quality(data: Path, limit: int, demo_dir: Path, configs: Sequence[Dict]) -> 
 
 
 def speed(shape: str, streams: int, context: int, steps: int, bits: Sequence[Optional[int]],
-          group_size: int = 64) -> Dict:
+          group_size: int = 64, dtype: str = "bfloat16") -> Dict:
     """Decode timesteps per second of a random ``shape`` model with ``context``
-    timesteps of ``streams`` keys already cached, full (bf16) against quantized KV."""
+    timesteps of ``streams`` keys already cached, full (``dtype``) against quantized KV."""
     from ..step import step as forward_step
     from .decode import random_model
 
-    model, _ = random_model(shape)
+    model, _ = random_model(shape, getattr(mx, dtype))
     args = model.args
-    out = {"shape": shape, "streams": streams, "context_timesteps": context, "runs": []}
+    out = {"shape": shape, "dtype": dtype, "streams": streams, "context_timesteps": context,
+           "runs": []}
     for b in bits:
         cache = filled_caches(args.num_hidden_layers, args.num_key_value_heads,
-                              args.head_dim, streams, context)
+                              args.head_dim, streams, context, getattr(mx, dtype))
         if b is not None:
             cache = [c.to_quantized(group_size=group_size, bits=b) for c in cache]
             mx.eval([c.state for c in cache])
@@ -156,6 +157,7 @@ def speed(shape: str, streams: int, context: int, steps: int, bits: Sequence[Opt
         times = sorted(times[1:])  # the first step warms up
         out["runs"].append({"kv_bits": b, "steps_per_sec": 1 / times[len(times) // 2],
                             "kv_bytes": sum(c.nbytes for c in cache)})
+        print(json.dumps(out["runs"][-1]), file=sys.stderr, flush=True)
         del cache
         mx.clear_cache()
     return out
@@ -176,10 +178,11 @@ def main(argv: Optional[List[str]] = None):
     q.add_argument("--windows", default="32,16", help="kv windows to score")
     q.add_argument("--demo-dir", type=Path, default=Path("examples/demo"))
     s = sub.add_parser("speed")
-    s.add_argument("--shape", default="qwen3-0.6b")
+    s.add_argument("--shape", default="tiny")
     s.add_argument("--streams", type=int, default=10)
-    s.add_argument("--context", type=int, default=2048)
+    s.add_argument("--context", type=int, default=8192)
     s.add_argument("--steps", type=int, default=8)
+    s.add_argument("--dtype", default="bfloat16", help="model and full-precision KV dtype")
     a = p.parse_args(argv)
     if a.what == "kv-bytes":
         res = kv_bytes(a.streams)
@@ -191,7 +194,7 @@ def main(argv: Optional[List[str]] = None):
         configs += [{"max_kv_timesteps": int(w)} for w in a.windows.split(",") if w]
         res = quality(a.data, a.limit, a.demo_dir, configs)
     else:
-        res = speed(a.shape, a.streams, a.context, a.steps, (None, 8, 4))
+        res = speed(a.shape, a.streams, a.context, a.steps, (None, 8, 4), dtype=a.dtype)
     print(json.dumps(res, indent=1))
 
 
