@@ -259,6 +259,8 @@ class KVPolicy:
     def before_step(self, cache: List, ys: List[int]):
         """Quantize (once the cache is long enough) and evict before a decode step at
         timesteps ``ys``; the first call marks the cached prompt as kept."""
+        if self.kv_bits is None and self.max_kv_timesteps is None:
+            return
         if cache[0].keep is None:
             for c in cache:
                 c.keep = c.offset
@@ -274,12 +276,13 @@ class KVPolicy:
         most ``max_position - 1`` timesteps older)."""
         if self.max_kv_size is not None and cache[0].offset + n > self.max_kv_size:
             return False
-        if self.max_position is None:
+        kv = next((c for c in cache if isinstance(c, StreamKVCache)), None)
+        if self.max_position is None or kv is None:
             return True
-        host = cache[0].host_ys if cache[0].offset else None
+        host = kv.host_ys if kv.offset else None
         oldest = min(ys) if host is None else int(host.min())
         if self.max_kv_timesteps is not None and host is not None:
-            keep = cache[0].keep or 0
+            keep = kv.keep or 0
             window = max(oldest, min(ys) - self.max_kv_timesteps)
             oldest = min(int(host[:, :keep].min()) if keep else window, window)
         return max(ys) - oldest < self.max_position
