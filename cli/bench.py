@@ -10,7 +10,7 @@ from typing import List, Optional
 
 import typer
 
-from .common import user_errors
+from .common import HEADS, user_errors
 
 
 def _ints(text: str, flag: str) -> List[int]:
@@ -27,11 +27,12 @@ def bench_command(
     shape: Optional[str] = typer.Option(
         None,
         "--shape",
-        help="Random weights of a named shape instead: qwen3-0.6b, qwen3-4b, tiny.",
+        help="Random weights of a named shape instead: qwen3-0.6b, qwen3-4b, qwen3-8b, tiny.",
     ),
     streams: str = typer.Option(
         "1,2,3,4,10", "--streams", help="Numbers of streams decoding at once."
     ),
+    heads: Optional[str] = HEADS,
     prompt_tokens: int = typer.Option(
         512, "--prompt-tokens", help="Prompt length for the decode table."
     ),
@@ -64,13 +65,17 @@ def bench_command(
     ),
 ):
     """Time multi-stream decode (N = 1, 2, 3, 4, 10) and prefill against mlx-lm."""
-    from mstream_mlx.atomic import atomic_file
+    from mstream_mlx.atomic import atomic_file, check_writable
     from mstream_mlx.benchmarks.decode import BenchOptions, format_tables, measure
 
     log = lambda m: typer.echo(m, err=True)  # noqa: E731
     with user_errors():
+        if output is not None:
+            check_writable(output)  # now, not after the whole run
         opts = BenchOptions(
-            streams=_ints(streams, "--streams"),
+            streams=(
+                _heads_n(model, heads) if heads is not None else _ints(streams, "--streams")
+            ),
             prompt_tokens=prompt_tokens,
             rows=rows,
             prefill_tokens=_ints(prefill_tokens, "--prefill-tokens"),
@@ -90,6 +95,24 @@ def bench_command(
             with atomic_file(output) as tmp:
                 tmp.write_text(json.dumps(report, indent=1) + "\n")
     typer.echo(json.dumps(report, indent=1) if as_json else format_tables(report))
+
+
+def _heads_n(model: Optional[str], heads: str) -> List[int]:
+    """``--heads`` with ``--model``: time the number of heads such a run decodes (the
+    names are checked against the model's streams; its weights are not loaded here)."""
+    from mlx_lm.utils import load_config
+
+    from mstream_mlx.heads import head_channels, parse_heads
+    from mstream_mlx.streams import StreamSpec
+    from mstream_mlx.utils import resolve_model_path, safetensors_shapes, stream_facts
+
+    names = parse_heads(heads)
+    if model is None:
+        raise ValueError("--heads needs --model: the heads are that model's streams.")
+    path = resolve_model_path(model)
+    facts = stream_facts(load_config(path), safetensors_shapes(path))
+    spec = StreamSpec.from_config(facts["multistream"], facts["num_channels"])
+    return [len(head_channels(spec, names))]
 
 
 def _reference(wanted: Optional[bool], log) -> Optional[ModuleType]:

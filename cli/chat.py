@@ -8,10 +8,12 @@ from typing import Optional
 
 import typer
 
+from mstream_mlx.checks import number, sampling_flags
 from mstream_mlx.utils import default_model_path
 
 from .common import (
     ADAPTER_PATH,
+    HEADS,
     KV_BITS,
     KV_GROUP_SIZE,
     KV_WINDOW,
@@ -56,6 +58,7 @@ def chat_command(
         "(default 200); a full-screen rows session runs until /reset.",
     ),
     system_prompt: Optional[str] = SYSTEM_PROMPT,
+    heads: Optional[str] = HEADS,
     close_after: float = typer.Option(
         2.0,
         "--close-after",
@@ -86,9 +89,13 @@ def chat_command(
 ):
     """Chat with a multi-stream model: type while it thinks and talks."""
     from mstream_mlx.chat import ChatEngine, ChatOptions, run_plain
+    from mstream_mlx.heads import parse_heads
     from mstream_mlx.utils import resolve_model_path
 
     with user_errors(RuntimeError):
+        sampling_flags(temp=temp, top_p=top_p, top_k=top_k)
+        number("--tick", tick, 0)
+        number("--close-after", close_after, 0)
         plain = plain or not (sys.stdin.isatty() and sys.stdout.isatty())
         if model:
             path, label = resolve_model_path(model), model
@@ -109,6 +116,7 @@ def chat_command(
             max_steps=max_steps,
             system_prompt=system_prompt,
             close_after=close_after,
+            heads=parse_heads(heads),
             kv_bits=kv_bits,
             kv_group_size=kv_group_size,
             quantized_kv_start=quantized_kv_start,
@@ -127,6 +135,7 @@ def chat_command(
                 "max_steps": max_steps,
                 "system_prompt": system_prompt,
                 "close_after": close_after,
+                "heads": heads,
                 "tick": tick,
                 "kv_bits": kv_bits,
                 "kv_window": kv_window,

@@ -5,7 +5,7 @@ default model, and the one way a user's mistake ends a command: a single
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence, Type
+from typing import Iterator, Optional, Sequence, Tuple, Type
 
 import typer
 
@@ -40,6 +40,12 @@ KV_WINDOW = typer.Option(
     "--kv-window",
     help="Keep the prompt and the last W timesteps in the KV cache (default: all).",
 )
+HEADS = typer.Option(
+    None,
+    "--heads",
+    help="Comma-separated output streams that generate, e.g. assistant,auditor "
+    "(default: the model's).",
+)
 
 
 # -------------------------------------------------------------------- errors
@@ -57,6 +63,25 @@ def choice(flag: str, value: str, allowed: Sequence[str]) -> str:
     if value not in allowed:
         raise ValueError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}.")
     return value
+
+
+def chosen_heads(model, text: Optional[str]) -> Tuple[str, ...]:
+    """The heads a run on ``model`` uses for ``--heads TEXT`` (None: the model's); a
+    bad value is one ``ValueError`` line."""
+    from mstream_mlx.heads import head_names, parse_heads
+
+    return head_names(model, parse_heads(text))
+
+
+def heads_line(model, heads) -> str:
+    """Which heads run: ``Heads: assistant (not generating: auditor, assistant2)``."""
+    from mstream_mlx.heads import head_names
+
+    names = head_names(model, heads)
+    spec = model.streams
+    idle = [spec.names[c] for c in spec.outputs if spec.names[c] not in names]
+    rest = f" (not generating: {', '.join(idle)}; --heads chooses)" if idle else ""
+    return f"Heads: {', '.join(names)}{rest}"
 
 
 @contextmanager

@@ -49,11 +49,19 @@ def convert(
         help="Comma-separated stream names, e.g. system,user,assistant.",
     ),
     revision: Optional[str] = REVISION,
+    heads: Optional[str] = typer.Option(
+        None,
+        "--heads",
+        help="Output streams that generate by default, e.g. assistant,auditor "
+        "(default: the source's; a §5-6 reference checkpoint: assistant).",
+    ),
 ):
     """Convert a multi-stream PyTorch checkpoint (or a plain Qwen base) to MLX."""
     from mstream_mlx.convert.hf_to_mlx import convert as run
 
     names = [n.strip() for n in channel_names.split(",")] if channel_names else None
+    from mstream_mlx.heads import parse_heads
+
     # ImportError: a PyTorch .bin checkpoint and no torch installed
     with user_errors(ImportError):
         run(
@@ -69,6 +77,7 @@ def convert(
             num_channels=num_channels,
             channel_names=names,
             revision=revision,
+            heads=parse_heads(heads),
         )
 
 

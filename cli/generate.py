@@ -3,17 +3,19 @@
 live (columns or interleaved lines, a colour per stream) or as JSON lines."""
 
 import itertools
-import json
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import typer
 
+from mstream_mlx.atomic import check_writable
+from mstream_mlx.checks import number, read_stdin, sampling_flags
 from mstream_mlx.utils import default_model_path
 
 from .common import (
     ADAPTER_PATH,
+    HEADS,
     KV_BITS,
     KV_GROUP_SIZE,
     KV_WINDOW,
@@ -25,6 +27,8 @@ from .common import (
     TOP_K,
     TOP_P,
     choice,
+    chosen_heads,
+    heads_line,
     user_errors,
 )
 
@@ -185,6 +189,7 @@ def generate_command(
         None, "--prompt", "-p", help="Text for the main input stream ('-' reads stdin)."
     ),
     system_prompt: Optional[str] = SYSTEM_PROMPT,
+    heads: Optional[str] = HEADS,
     max_tokens: Optional[int] = typer.Option(
         None,
         "--max-tokens",
@@ -350,8 +355,14 @@ def generate_command(
         if display is not None:
             choice("--display", display, DISPLAYS)
         choice("--sampler", sampler, SAMPLERS)
+        sampling_flags(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
+                       repetition_penalty=repetition_penalty, presence_penalty=presence_penalty)
+        number("--silence-penalty", silence_penalty)
+        number("--think-silence-penalty", think_silence_penalty)
+        if prompt_cache_file and not Path(prompt_cache_file).exists():
+            check_writable(prompt_cache_file)  # before loading, not after the prefill
         if prompt == "-":
-            prompt = sys.stdin.read()
+            prompt = read_stdin("--prompt -")
         interrupts = _interrupts(interrupt)
         if prompt is not None and not prompt.strip():
             raise ValueError("--prompt is empty.")
@@ -362,6 +373,7 @@ def generate_command(
 
         import mstream_mlx
         from mstream_mlx import BlocksOptions, RowsOptions, SamplingSettings
+        from mstream_mlx.checks import read_json
         from mstream_mlx.streams import BLOCKS
 
         if seed is not None:
@@ -371,6 +383,7 @@ def generate_command(
         )
         spec = net.streams
         blocks = spec.layout == BLOCKS
+        heads = chosen_heads(net, heads)  # one line for a bad name
         base = SamplingSettings(
             temp=temp,
             top_p=top_p,
@@ -396,7 +409,7 @@ def generate_command(
                 net,
                 pre_think=pre_think,
                 prefill_rows=(
-                    json.loads(prefill_rows.read_text()) if prefill_rows else None
+                    read_json(prefill_rows, "--prefill-rows") if prefill_rows else None
                 ),
                 seed_words=(
                     [" " + w.strip() for w in seed_words.split(",")]
@@ -419,7 +432,10 @@ def generate_command(
                 if s.strip()
             ]
         else:
-            shown = [n for c, n in enumerate(spec.names) if not (blocks and c == 0)]
+            shown = [
+                n for c, n in enumerate(spec.names)
+                if not (blocks and c == 0) and (c in spec.inputs or n in heads)
+            ]
         events = mstream_mlx.stream_generate(
             net,
             tokenizer,
@@ -441,9 +457,11 @@ def generate_command(
             quantized_kv_start=quantized_kv_start, max_kv_timesteps=kv_window,
             record_logits=record_logits,
             pipeline=False if no_pipeline else None,
+            heads=heads,
         )
         # the first event builds the Session: a bad setting fails before any output
         first = next(events, None)
+        typer.echo(heads_line(net, heads), err=True)
         printer = _Printer(
             spec,
             tokenizer,

@@ -8,10 +8,12 @@ from typing import List, Optional
 
 import typer
 
+from mstream_mlx.checks import number, sampling_flags
 from mstream_mlx.utils import default_model_path
 
 from .common import (
     ADAPTER_PATH,
+    HEADS,
     KV_BITS,
     KV_GROUP_SIZE,
     KV_WINDOW,
@@ -57,6 +59,7 @@ def server_command(
         None, "--system-prompt",
         help="Default system prompt (blocks: the system block; rows: read first).",
     ),
+    heads: Optional[str] = HEADS,
     head_prefill: List[str] = typer.Option(
         [], "--head-prefill",
         help="Blocks: text after 'assistant\\n' for each head, repeatable in head order.",
@@ -87,8 +90,13 @@ def server_command(
 ):
     """Serve a multi-stream model: OpenAI-compatible API, live sessions, a page at /."""
     with user_errors(RuntimeError):
+        sampling_flags(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
+                       repetition_penalty=repetition_penalty, presence_penalty=presence_penalty)
+        number("--tick", tick)  # its range: ServerConfig
+        number("--idle-timeout", idle_timeout, 0, above=True)
         level = choice("--log-level", log_level.upper(), LOG_LEVELS)
         logging.basicConfig(level=level, format="%(message)s")
+        from mstream_mlx.heads import parse_heads
         from mstream_mlx.server import ServerConfig, serve
 
         cfg = ServerConfig(
@@ -114,6 +122,7 @@ def server_command(
             max_sessions=max_sessions,
             max_body=max_body,
             idle_timeout=idle_timeout,
+            heads=parse_heads(heads),
             kv_bits=kv_bits,
             kv_group_size=kv_group_size,
             quantized_kv_start=quantized_kv_start,

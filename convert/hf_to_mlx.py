@@ -6,8 +6,9 @@ family file declares them (``mstream_mlx/models``; ``docs/adding-a-model.md``):
 
 * a stream checkpoint carries a channel table; its architecture tells the layout
   (the reference's ``Qwen3ForMultiStream`` / ``Qwen2ForMultiStream``: blocks, paper
-  §5-6; ``StreamQwen3_5ForCausalLM``: rows, §7) or, for a stock class name with
-  ``num_channels`` (§7 Stream-8B's ``Qwen3ForCausalLM``), rows;
+  §5-6; ``StreamQwen3_5ForCausalLM`` / ``StreamQwen3_5MoeForCausalLM``: rows, §7)
+  or, for a stock class name with ``num_channels`` (§7 Stream-8B's
+  ``Qwen3ForCausalLM``), rows;
 * a plain base model (``Qwen3ForCausalLM``, ``LlamaForCausalLM``, ...) gets a new
   N(0, 0.02) channel table and the stream spec of the flags (``--layout``: the
   family's first layout by default; Qwen3.5 runs rows only).
@@ -27,6 +28,7 @@ class name the family saves for the layout; ``A_log`` stays float32.
 
 import json
 import sys
+from contextlib import redirect_stdout
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -42,9 +44,11 @@ from mstream_mlx.streams import (
     rows_spec,
     silence_token_id,
 )
+from mstream_mlx.heads import set_folder_heads
 from mstream_mlx.utils import resolve_model_path, stream_facts
 
 from mstream_mlx.atomic import atomic_folder, check_destination
+from mstream_mlx.checks import check_config, check_outputs, utf8_path
 from mstream_mlx.folders import check_apart, copy_side_files
 from .weights import read_weights
 
@@ -104,9 +108,11 @@ def read_config(src: Path) -> dict:
     if not f.is_file():
         raise FileNotFoundError(f"No config.json in {src}.")
     try:
-        return json.loads(f.read_text())
+        config = json.loads(f.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{f} is not valid JSON ({e}).") from e
+    check_config(config, {}, src)
+    return config
 
 
 def text_config(config: dict) -> dict:
@@ -329,6 +335,7 @@ def convert(
     num_channels: Optional[int] = None,
     channel_names: Optional[Sequence[str]] = None,
     revision: Optional[str] = None,
+    heads: Optional[Sequence[str]] = None,
 ) -> Path:
     """Convert a PyTorch-side checkpoint into an MLX model folder.
 
@@ -345,6 +352,10 @@ def convert(
             for a stream checkpoint they override (names, layout) or must agree
             with (channel count) what it carries.
         revision: Hub revision.
+        heads: the output streams that generate by default, written to
+            ``multistream.heads`` (default: the source's, else the reference
+            evaluation's one assistant head for a §5-6 checkpoint, else every output
+            stream, which leaves the key out; docs/convert.md).
 
     Returns:
         The output folder.
@@ -358,13 +369,14 @@ def convert(
         num_channels=num_channels,
         channel_names=channel_names,
     )
-    dst = check_destination(Path(mlx_path), force)
+    dst = check_destination(utf8_path("--mlx-path", mlx_path), force)
     local = Path(hf_path).expanduser().exists()
     src = resolve_model_path(str(hf_path), revision)
     check_apart(dst, src, "--mlx-path")
     config = read_config(src)
     family, arch_layout, _ = detect(config, src)
     weights = rename(read_weights(src))
+    check_config(config, {k: v.shape for k, v in weights.items()}, src, vocab=False)
     if EMBED_KEY not in weights:
         raise ValueError(f"Missing tensor {EMBED_KEY} in {src}.")
     n, facts, about = stream_entry(
@@ -379,9 +391,11 @@ def convert(
     )
     ms = facts["multistream"]
     family.check_layout(ms["layout"], str(src))
+    check_outputs(ms, n, str(src))
+    set_folder_heads(config, ms, n, heads)
     tokenizer = load_source_tokenizer(src)
     if ms["layout"] == ROWS and ms.get("silence_token_id") is None:
-        ms["silence_token_id"] = silence_token_id(tokenizer)  # §7 §1.2: never hard-code
+        ms["silence_token_id"] = silence_token_id(tokenizer)  # never hard-code it (docs/design.md)
     stored = weights[EMBED_KEY].dtype
     info(f"{src}: {about}, {n} channels, {str(stored).split('.')[-1]} weights.")
 
@@ -398,7 +412,7 @@ def convert(
     text["vocab_size"] = vocab
     cfg.update(
         facts,
-        architectures=[family.saved_architectures[ms["layout"]]],
+        architectures=[family.saved_architecture(ms["layout"], cfg["model_type"])],
     )
     tied = {**cfg, **text}.get("tie_word_embeddings")
     if tied and "lm_head.weight" in weights:
@@ -450,9 +464,10 @@ def convert(
     if quantize:
         from mlx_lm.utils import quantize_model
 
-        model, cfg = quantize_model(
-            model, cfg, q_group_size, q_bits, quant_predicate=model.quant_predicate
-        )
+        with redirect_stdout(sys.stderr):  # mlx-lm prints its bits line to stdout
+            model, cfg = quantize_model(
+                model, cfg, q_group_size, q_bits, quant_predicate=model.quant_predicate
+            )
     mx.eval(model.parameters())
 
     from mlx_lm.utils import save_config, save_model
@@ -470,5 +485,12 @@ def convert(
         )
     info(f"Wrote {dst}")
     if upload_repo:
-        upload(dst, upload_repo)
+        try:
+            upload(dst, upload_repo)
+        except Exception as e:  # offline, no token, no rights: the folder is done
+            raise ValueError(
+                f"Wrote {dst}, but uploading it to {upload_repo} failed "
+                f"({type(e).__name__}: {' '.join(str(e).split())[:200]}); upload it "
+                f"later with: huggingface-cli upload {upload_repo} {dst}"
+            ) from e
     return dst

@@ -2,9 +2,10 @@
 """MLX model folders (e.g. after LoRA fuse) back to PyTorch-loadable safetensors.
 
 The output is what the reference training writes: HF key names (MLX keeps them 1:1),
-``config.json`` with the class name the family saves for the layout (the
-reference's ``Qwen*ForMultiStream`` for blocks models, ``Qwen*ForCausalLM`` +
-``num_channels`` for rows models) and ``num_channels`` always written (the
+``config.json`` with the class name the family saves for the layout and
+``model_type`` (the reference's ``Qwen*ForMultiStream`` for blocks models,
+``Qwen*ForCausalLM`` + ``num_channels`` for rows models, ``StreamQwen3_5ForCausalLM``
+or ``StreamQwen3_5MoeForCausalLM`` for Qwen3.5) and ``num_channels`` always written (the
 reference's code defaults, 5 or 3, would otherwise size the channel table),
 safetensors with ``format: pt`` metadata (sharded ≤ 5 GB with an HF index when
 large), and the tokenizer files.  Quantized folders are dequantized first.  torch is
@@ -30,6 +31,7 @@ from mstream_mlx.models import family_for
 from mstream_mlx.utils import load_model, resolve_model_path
 
 from mstream_mlx.atomic import atomic_folder, check_destination
+from mstream_mlx.checks import utf8_path
 from mstream_mlx.folders import check_apart, copy_side_files
 from .hf_to_mlx import DTYPES, info
 
@@ -88,7 +90,7 @@ def export(
         raise ValueError(
             f"--dtype {dtype} is not supported; use one of {', '.join(DTYPES)}."
         )
-    dst = check_destination(Path(torch_path), force)
+    dst = check_destination(utf8_path("--torch-path", torch_path), force)
     src = resolve_model_path(str(model), revision)
     check_apart(dst, src, "--torch-path")
     mlx_model, _ = load_model(src)
@@ -119,7 +121,7 @@ def export(
     out = {k: v for k, v in config.items() if k not in MLX_ONLY_KEYS}
     dtype_name = str(target).split(".")[-1]
     out.update(
-        architectures=[family.saved_architectures[layout]],
+        architectures=[family.saved_architecture(layout, config.get("model_type"))],
         num_channels=args.num_channels,
         multistream=args.multistream,  # harmless to transformers; kept for re-conversion
         torch_dtype=dtype_name,

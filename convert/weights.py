@@ -14,6 +14,8 @@ from typing import Dict, List
 
 import mlx.core as mx
 
+from mstream_mlx.checks import inside, shard_names
+
 SAFETENSORS = ("model.safetensors", "model*.safetensors")
 BIN = ("pytorch_model.bin", "pytorch_model*.bin")
 
@@ -30,7 +32,7 @@ def weight_files(folder: Path) -> List[Path]:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise ValueError(f"{index} is not a valid weight index ({e}).") from e
-            files = [folder / name for name in sorted(set(weight_map.values()))]
+            files = [inside(folder, name, index.name) for name in shard_names(weight_map, index)]
             missing = [f.name for f in files if not f.is_file()]
             if missing:
                 raise FileNotFoundError(
@@ -63,6 +65,8 @@ def _read_bin(path: Path) -> Dict[str, mx.array]:
     except Exception as e:  # pickles with code in them land here, never run
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ValueError(f"Cannot read {path} as plain tensors: {first}") from e
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a dict of tensors.")
     out = {}
     for k, t in state.items():
         if not isinstance(t, torch.Tensor):

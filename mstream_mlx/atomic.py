@@ -8,9 +8,12 @@ folder under the final name.
 """
 
 import errno
+import glob
 import os
 import shutil
+import sys
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Union
@@ -106,6 +109,49 @@ def _swap(new: Path, dst: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def check_writable(path: Union[str, Path]) -> Path:
+    """Fail now, before a long run, when ``path`` cannot be written: one
+    :class:`WriteError` naming it (a file is created beside it and removed)."""
+    path = Path(path)
+    probe = path.with_name(f".{path.stem}.{os.getpid()}.probe{path.suffix}")
+    try:
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise WriteError(e.errno, f"Cannot write {path} ({_reason(e)}).") from e
+    return path
+
+
+STALE_HOURS = 24  # a partial folder this old is stale whoever made it
+
+
+def _stale(folder: Path) -> bool:
+    """A ``.NAME.PID.XXXX.partial`` folder whose process is gone, or any older
+    than :data:`STALE_HOURS` (folders of older versions carry no pid)."""
+    try:
+        if time.time() - folder.stat().st_mtime > STALE_HOURS * 3600:
+            return True
+        pid = int(folder.name[: -len(".partial")].rsplit(".", 2)[-2])
+    except (OSError, ValueError, IndexError):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, another user's
+        return False
+    return False
+
+
+def remove_stale(dst: Path) -> None:
+    """Remove the hidden partial folders that interrupted runs (Ctrl-C can be
+    handled, SIGKILL or a power cut cannot) left beside ``dst``, and say so."""
+    for old in sorted(dst.parent.glob(f".{glob.escape(dst.name)}.*.partial")):
+        if old.is_dir() and not old.is_symlink() and _stale(old):
+            shutil.rmtree(old, ignore_errors=True)
+            print(f"[INFO] Removed {old}, left by an interrupted run.", file=sys.stderr)
+
+
 @contextmanager
 def atomic_folder(dst: Union[str, Path], force: bool) -> Iterator[Path]:
     """Yield an empty hidden sibling folder of ``dst`` that becomes ``dst`` when the
@@ -117,8 +163,11 @@ def atomic_folder(dst: Union[str, Path], force: bool) -> Iterator[Path]:
     """
     dst = check_destination(dst, force)
     dst.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(dst)
     tmp = Path(
-        tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent)
+        tempfile.mkdtemp(
+            prefix=f".{dst.name}.{os.getpid()}.", suffix=".partial", dir=dst.parent
+        )
     )
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private
     try:

@@ -122,11 +122,15 @@ def stream_attention(
     A decode row of several streams carries an array mask.  MLX's CUDA backend sends
     such a call to cuDNN, which builds one graph per key length: a new graph every
     step (measured 13-15 steps/s for 3 or 10 streams on an H100, 0.6B).  There, few
-    queries go through :func:`masked_attention` instead; elsewhere (CPU, Metal, whose
-    fused kernels take masks) through ``mx.fast.scaled_dot_product_attention``.  A
+    queries go through :func:`padded_attention` (one graph per 256 keys; without a
+    plain KV buffer, :func:`masked_attention`); elsewhere (CPU, Metal, whose fused
+    kernels take masks) through ``mx.fast.scaled_dot_product_attention``.  A
     quantized cache (``cache.bits``) goes through mlx-lm's quantized SDPA.
+    docs/benchmarks.md has the measurements.
     """
     quantized = hasattr(cache, "bits")
     if isinstance(mask, mx.array) and q.shape[2] <= SMALL_QUERY and _on_cuda() and not quantized:
+        if getattr(cache, "keys", None) is not None:
+            return padded_attention(q, cache, scale, mask)
         return masked_attention(q, k, v, scale, mask)
     return scaled_dot_product_attention(q, k, v, cache, scale=scale, mask=mask)

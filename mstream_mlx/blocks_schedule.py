@@ -7,9 +7,10 @@ from typing import List, Optional, Sequence, Union
 
 import mlx.core as mx
 
+from .heads import model_heads
 from .mask import make_mask
 from .plans import LAZY, DecodePlan, Plan, PrefillPlan, Schedule, Settled
-from .streams import BLOCKS, ChatTokens, blocks_to_flat, chat_blocks
+from .streams import BLOCKS, Block, ChatTokens, blocks_to_flat, chat_blocks
 
 DEFAULT_SYSTEM = "You are a helpful assistant."  # the reference's default system text
 DEFAULT_MAX_TOKENS = 256  # per assistant head (mlx-lm's generate_step default)
@@ -71,6 +72,7 @@ class BlocksSchedule(Schedule):
         max_steps: Optional[int],
         max_tokens,
         stop_tokens,
+        heads=None,
     ):
         super().__init__(
             spec,
@@ -78,6 +80,7 @@ class BlocksSchedule(Schedule):
             max_steps=max_steps,
             max_tokens=max_tokens,
             stop_tokens=stop_tokens,
+            heads=heads,
         )
         if tuple(spec.inputs) != (0, 1) or spec.num_channels < 3:
             raise ValueError(
@@ -87,12 +90,11 @@ class BlocksSchedule(Schedule):
             )
         self.opts = opts
         self.chat = ChatTokens.from_tokenizer(tokenizer)
-        self.heads = list(spec.outputs)  # channel 2 + h
-        H = len(self.heads)
+        H = len(self.heads)  # the streams not among them are never fed nor sampled
         prefills = list(opts.head_prefill) or [[] for _ in range(H)]
         if len(prefills) != H:
             raise ValueError(
-                f"head_prefill has {len(prefills)} entries; the model has {H} heads."
+                f"head_prefill has {len(prefills)} entries; the run has {H} heads."
             )
         self.prefills = [self._ids(p) for p in prefills]
         self.started = False
@@ -109,13 +111,15 @@ class BlocksSchedule(Schedule):
 
     @classmethod
     def from_options(
-        cls, model, tokenizer, *, rows=None, blocks=None, interactive=None, **limits
+        cls, model, tokenizer, *, rows=None, blocks=None, interactive=None, heads=None,
+        **limits,
     ) -> "BlocksSchedule":
         """The schedule for ``Session``'s arguments; ``limits``: ``max_steps``,
         ``max_tokens``, ``stop_tokens``."""
         if rows is not None or interactive is not None:
             raise ValueError("rows options and interactive apply to the rows layout only.")
-        return cls(model.streams, tokenizer, blocks or BlocksOptions(), **limits)
+        heads = model_heads(model, heads)
+        return cls(model.streams, tokenizer, blocks or BlocksOptions(), heads=heads, **limits)
 
     def _ids(self, text_or_ids) -> List[int]:
         if isinstance(text_or_ids, str):
@@ -164,6 +168,7 @@ class BlocksSchedule(Schedule):
         sys_ids = list(self.queues[0]) or self._ids(self.opts.system)
         self.queues[0].clear()
         blocks = chat_blocks(self.chat, sys_ids, [], self.prefills, close_user=False)
+        blocks[2:] = [Block(c, b.tokens, b.y0) for c, b in zip(self.heads, blocks[2:])]
         self.y0 = len(blocks[0].tokens)
         flat = blocks_to_flat(blocks)
         ends, n = [], 0
@@ -201,7 +206,7 @@ class BlocksSchedule(Schedule):
         for c in heads:
             ids.append(LAZY)
             ch.append(c)
-            h = c - 2
+            h = self.heads.index(c)
             ys.append(self.y0 + 3 + len(self.prefills[h]) + self.g_fed[c])
         idx = [self.last_channels.index(c) for c in heads]
         src = (
@@ -245,7 +250,8 @@ class BlocksSchedule(Schedule):
         ys = {}
         for c, v in zip(plan.sample_channels, values):
             tokens[c] = v
-            ys[c] = self.y0 + 3 + len(self.prefills[c - 2]) + self.counts[c] - 1
+            prefill = self.prefills[self.heads.index(c)]
+            ys[c] = self.y0 + 3 + len(prefill) + self.counts[c] - 1
             if v in self.stop_tokens.get(c, ()):
                 finished[c] = "stop"
             elif (

@@ -15,6 +15,7 @@ no code here beyond :func:`to_columns`.  The state layout follows mlx-lm:
 ``[..., Dv, Dk]`` (the transpose of the PyTorch/fla ``[..., Dk, Dv]``).
 """
 
+import sys
 from typing import Dict, Optional, Tuple
 
 import mlx.core as mx
@@ -45,7 +46,8 @@ def deltanet_facts(config: dict) -> Dict[str, str]:
             if key == "deltanet_block_causal":
                 print(
                     f"[WARNING] config.json has no {key}; using the reference "
-                    f"code's default {default!r} (Stream-27B used 'column')."
+                    f"code's default {default!r} (Stream-27B used 'column').",
+                    file=sys.stderr,
                 )
     return facts
 

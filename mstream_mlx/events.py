@@ -128,7 +128,7 @@ class EventLog:
             if st.first_input_y is None:
                 st.first_input_y = tok_y
             self._add_text(c, tok, text)
-        first = self.spec.outputs[0]
+        first = sched.heads[0]
         finished = settled.finished if settled else {}
         for c, tok in (settled.tokens if settled else {}).items():
             if tok is None:

@@ -6,6 +6,8 @@ written all at once by :func:`mstream_mlx.atomic.atomic_folder`."""
 import shutil
 from pathlib import Path
 
+from .checks import inside
+
 # Files next to the weights that belong to the tokenizer or to generation.
 SIDE_FILES = (
     "tokenizer.json",
@@ -35,4 +37,5 @@ def copy_side_files(src: Path, dst: Path, names=SIDE_FILES) -> None:
     """Copy the tokenizer and generation files of ``src`` that exist into ``dst``."""
     for name in names:
         if (src / name).is_file():
+            inside(src, name, f"The side file {src / name}")  # never copy from outside
             shutil.copy2(src / name, dst / name)

@@ -13,6 +13,7 @@ from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 from .schedules import BlocksOptions
 from .events import StepEvent
+from .heads import head_names
 from .session import Session
 from .streams import BLOCKS
 
@@ -94,7 +95,7 @@ def generate(
     verbose: bool = False,
     **kwargs,
 ) -> Dict[str, str]:
-    """Run to the end and return ``{output stream: text}``.
+    """Run to the end and return ``{head: text}`` (the output streams that generate).
 
     With ``verbose``, print each output stream's text and mlx-lm's timing lines.
     """
@@ -103,7 +104,7 @@ def generate(
     for event in stream_generate(model, tokenizer, prompt, **kwargs):
         for name, delta in event.text.items():
             texts[name] = texts.get(name, "") + delta
-    outputs = [model.streams.names[c] for c in model.streams.outputs]
+    outputs = list(head_names(model, kwargs.get("heads")))
     result = {n: texts.get(n, "") for n in outputs}
     if verbose and event is not None:
         for n in outputs:

@@ -140,9 +140,13 @@ class Schedule:
     default_max_steps: int = 0
     default_stop_tokens: Tuple[str, ...] = ()
 
-    def __init__(self, spec: StreamSpec, tokenizer, *, max_steps, max_tokens, stop_tokens):
+    def __init__(
+        self, spec: StreamSpec, tokenizer, *, max_steps, max_tokens, stop_tokens, heads=None
+    ):
         self.spec = spec
         self.tokenizer = tokenizer
+        # the output channels that generate, in order (docs/generation.md#heads)
+        self.heads: List[int] = list(spec.outputs if heads is None else heads)
         caps = per_output(spec, max_tokens, self.default_max_tokens)
         if any(v is not None and v < 1 for v in caps.values()):
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}.")
@@ -189,10 +193,13 @@ class Schedule:
     # -- the state machine ---------------------------------------------------------
     @classmethod
     def from_options(
-        cls, model, tokenizer, *, rows=None, blocks=None, interactive=None, **limits
+        cls, model, tokenizer, *, rows=None, blocks=None, interactive=None, heads=None,
+        **limits,
     ) -> "Schedule":
         """The schedule for ``Session``'s arguments (``limits``: ``max_steps``,
-        ``max_tokens``, ``stop_tokens``); options of another layout are a ValueError."""
+        ``max_tokens``, ``stop_tokens``); options of another layout are a ValueError.
+        ``heads``: the output streams that generate (:func:`~mstream_mlx.heads.model_heads`);
+        each layout says what happens to the others."""
         raise NotImplementedError
 
     def first_plan(self) -> Union[SeedPlan, PrefillPlan]:

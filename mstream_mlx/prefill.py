@@ -15,6 +15,13 @@ import numpy as np
 from .streams import Flat, timestep_order
 
 DEFAULT_PREFILL_STEP = 2048
+SCORES_BUDGET = 1 << 28
+"""Bytes of fp32 attention scores (chunk x context x heads) one chunk of a multi-stream
+prompt may materialise where the fused attention kernel cannot take the stream mask
+(the CPU, and MLX's CUDA backend, which sends a boolean mask to its unfused path).
+Metal's fused kernel takes the mask, so there chunks stay at ``step``.  The
+measurements behind the number: docs/benchmarks.md."""
+MIN_CHUNK = 256
 
 
 def prefill(
@@ -44,6 +51,7 @@ def prefill(
     if step < 1:
         raise ValueError(f"The prefill step must be >= 1, got {step}.")
     row = getattr(model, "tokens_per_row", 1)  # recurrent (Qwen3.5) layers: whole rows
+    step = min(step, _unfused_chunk(model, flat, cache))
     step = max(row, step - step % row)
     flat, wanted = in_timestep_order(flat, logits_at)
     ids, channels, positions = flat.arrays()
@@ -60,6 +68,19 @@ def prefill(
     if not wanted:
         return None
     return model.lm_logits(mx.stack([hidden[w] for w in wanted]))
+
+
+def _unfused_chunk(model, flat: Flat, cache: List[Any]) -> int:
+    """The largest chunk whose masked scores fit :data:`SCORES_BUDGET` where attention
+    runs unfused; no limit for a single-stream prompt (its mask is ``"causal"``) or on
+    Metal."""
+    if mx.default_device() == mx.gpu and mx.metal.is_available():
+        return len(flat)
+    if len(np.unique(flat.positions)) == len(flat):  # one token per timestep
+        return len(flat)
+    heads = getattr(model.args, "num_attention_heads", 1)
+    held = max((getattr(c, "offset", 0) for c in cache), default=0)
+    return max(MIN_CHUNK, SCORES_BUDGET // (4 * heads * (held + len(flat))))
 
 
 def in_timestep_order(flat: Flat, indices: Sequence[int]) -> Tuple[Flat, List[int]]:

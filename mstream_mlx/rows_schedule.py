@@ -8,10 +8,13 @@ from typing import List, Optional, Sequence, Union
 import mlx.core as mx
 import numpy as np
 
+from .checks import check_table, number
+from .heads import model_heads
 from .mask import make_mask
 from .plans import LAZY, DecodePlan, Plan, PrefillPlan, Schedule, SeedPlan, Settled
 from .sample import SilencePenalty, quiet_ramp, silence_ramp
 from .streams import ROWS, rows_to_flat
+from .vocab import check_ids
 
 # paper §7: the seed row's words for the thinking streams (channel 2 onwards).
 SEED_WORDS = (
@@ -86,6 +89,8 @@ class RowsOptions:
         return cls(**{**saved, **given})
 
     def __post_init__(self):
+        number("silence_penalty", self.silence_penalty)
+        number("think_silence_penalty", self.think_silence_penalty)
         if self.pre_think < 0:
             raise ValueError(f"pre_think must be >= 0, got {self.pre_think}.")
         if self.silence_exit is not None and self.silence_exit < 1:
@@ -120,6 +125,7 @@ class RowsSchedule(Schedule):
         max_tokens,
         stop_tokens,
         interactive: Optional[bool],
+        heads=None,
     ):
         super().__init__(
             spec,
@@ -127,6 +133,7 @@ class RowsSchedule(Schedule):
             max_steps=max_steps,
             max_tokens=max_tokens,
             stop_tokens=stop_tokens,
+            heads=heads,
         )
         if spec.silence_token is None:
             raise ValueError(
@@ -139,6 +146,9 @@ class RowsSchedule(Schedule):
         self.ins = list(spec.inputs)
         self.interactive = interactive
         self.ablated = {spec.index(s) for s in opts.ablate}
+        # a row holds every channel: output streams that are not heads are held
+        # silent, as ablated ones are (docs/design.md)
+        self.ablated |= set(self.outs) - set(self.heads)
         bad = [spec.names[c] for c in self.ablated if c not in self.outs]
         if bad:
             raise ValueError(f"Only output streams can be ablated, not {bad[0]!r}.")
@@ -166,17 +176,24 @@ class RowsSchedule(Schedule):
 
     @classmethod
     def from_options(
-        cls, model, tokenizer, *, rows=None, blocks=None, interactive=None, **limits
+        cls, model, tokenizer, *, rows=None, blocks=None, interactive=None, heads=None,
+        **limits,
     ) -> "RowsSchedule":
         """The schedule for ``Session``'s arguments; ``limits``: ``max_steps``,
         ``max_tokens``, ``stop_tokens``."""
         if blocks is not None:
             raise ValueError("blocks options apply to the blocks layout only.")
         opts = rows or RowsOptions.for_model(model)
-        return cls(model.streams, tokenizer, opts, interactive=interactive, **limits)
+        heads = model_heads(model, heads)
+        sched = cls(
+            model.streams, tokenizer, opts, interactive=interactive, heads=heads, **limits
+        )
+        check_ids(sched.prefill_table or [], model.args.vocab_size, "A prefill row's token id")
+        return sched
 
     def _table(self, rows) -> List[List[int]]:
         table = []
+        check_table(rows)
         for r, row in enumerate(rows):
             if len(row) != self.C:
                 raise ValueError(

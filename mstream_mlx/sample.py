@@ -33,9 +33,14 @@ from mlx_lm.sample_utils import (
     make_logits_processors,
 )
 
+from .checks import number
+
 METHODS = ("mlx", "rows", "blocks")
 RAMP_ROWS = 5
 """Rows over which the §7 silence penalty ramps up to full strength (0.2, 0.4, ... 1)."""
+NUMBERS = ("temp", "top_p", "top_k", "min_p", "min_tokens_to_keep", "repetition_penalty",
+           "repetition_context_size", "presence_penalty", "presence_context_size",
+           "frequency_penalty", "frequency_context_size")
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,8 @@ class SamplingSettings:
     method: str = "mlx"
 
     def __post_init__(self):
+        for name in NUMBERS:  # nan/inf would pass the range checks below
+            number(name, getattr(self, name))
         if self.method not in METHODS:
             raise ValueError(
                 f"Unknown sampling method {self.method!r}; expected one of {', '.join(METHODS)}."

@@ -37,6 +37,7 @@ from .sample import SamplingSettings, StreamSampler, logits_summary
 from .schedules import BlocksOptions, RowsOptions, schedule_class
 from .step import step as forward_step
 from .streams import Flat
+from .vocab import check_ids
 
 __all__ = ["Session", "StepEvent", "generation_stream"]
 
@@ -91,6 +92,7 @@ class Session:
             seeded results are the same either way; sampling from the global MLX RNG
             may differ when a launched step is redone (a head stopped).
         record_logits: fill ``StepEvent.logits_summary``.
+        heads: output streams that generate, in order (default: the model's; docs/generation.md).
         kv_bits, kv_group_size, quantized_kv_start, max_kv_timesteps: a bounded cache
             for long runs (:class:`~mstream_mlx.cache.KVPolicy`, docs/long-sessions.md).
     """
@@ -112,6 +114,7 @@ class Session:
         prefill_step_size: int = DEFAULT_PREFILL_STEP,
         pipeline: Optional[bool] = None,
         record_logits: bool = False,
+        heads: Optional[Sequence[str]] = None,
         kv_bits: Optional[int] = None, kv_group_size: int = 64,
         quantized_kv_start: int = 5000, max_kv_timesteps: Optional[int] = None,
     ):
@@ -127,6 +130,7 @@ class Session:
         self.schedule = kind.from_options(
             model, tokenizer, rows=rows, blocks=blocks, interactive=interactive,
             max_steps=max_steps, max_tokens=max_tokens, stop_tokens=stop_tokens,
+            heads=heads,
         )
         input_default = per_channel[spec.outputs[0]]
         settings = {**{c: input_default for c in spec.inputs}, **per_channel}
@@ -174,13 +178,8 @@ class Session:
         if isinstance(text_or_tokens, str):
             ids = self.schedule.tokenize(text_or_tokens)
         else:
+            check_ids(list(text_or_tokens), self.model.args.vocab_size)
             ids = [int(t) for t in text_or_tokens]
-            vocab = self.model.args.vocab_size
-            bad = [t for t in ids if not 0 <= t < vocab]
-            if bad:
-                raise ValueError(
-                    f"Token id {bad[0]} is outside the vocabulary (0..{vocab - 1})."
-                )
         if not ids:
             raise ValueError(f"Nothing to feed to {name!r}: the text gives no tokens.")
         with self._lock:

@@ -95,6 +95,11 @@ class StreamSpec:
             f"Unknown stream {stream!r}; the model defines {', '.join(self.names)}."
         )
 
+    def check_channels(self, channels) -> None:
+        """One ``ValueError`` when any of ``channels`` (ints or an array, host-side)
+        is not a channel of this model."""
+        check_channels(channels, self.num_channels, self.names)
+
     def to_config(self) -> dict:
         return {
             "layout": self.layout,
@@ -118,6 +123,23 @@ class StreamSpec:
             inputs=tuple(cfg.get("input_channels", [])),
             layout=cfg.get("layout", BLOCKS),
             silence_token=cfg.get("silence_token_id"),
+        )
+
+
+def check_channels(channels, num_channels: int, names: Sequence[str] = ()) -> None:
+    """One ``ValueError`` naming the first channel id outside ``0 .. num_channels - 1``
+    (MLX does not bounds-check the channel-table lookup: it reads garbage)."""
+    a = np.asarray(channels)
+    if a.size == 0:
+        return
+    if a.dtype == np.bool_ or not np.issubdtype(a.dtype, np.integer):
+        raise ValueError(f"Channels must be integers, got {a.dtype} values.")
+    bad = a[(a < 0) | (a >= num_channels)]
+    if bad.size:
+        which = f" ({', '.join(names)})" if names else ""
+        raise ValueError(
+            f"Channel {int(bad.flat[0])} is out of range; the model has "
+            f"{num_channels} channels{which}."
         )
 
 
@@ -171,10 +193,16 @@ def _flat(ids, channels, positions) -> Flat:
     return Flat(*(np.asarray(a, dtype=np.int32).reshape(-1) for a in (ids, channels, positions)))
 
 
-def rows_to_flat(table: Sequence[Sequence[int]], first_row: int = 0) -> Flat:
+def rows_to_flat(
+    table: Sequence[Sequence[int]],
+    first_row: int = 0,
+    streams: Optional[StreamSpec] = None,
+) -> Flat:
     """Flatten a rows table ``table[r][c]`` row-major (§7: ``i = r*C + c``).
 
-    Every token of row ``r`` gets ``y = first_row + r``; channel = column.
+    Every token of row ``r`` gets ``y = first_row + r``; channel = column.  With
+    ``streams`` (``model.streams``) a table wider than the model is refused here;
+    without, the model call refuses it.
     """
     t = np.asarray(table)
     if t.ndim != 2:
@@ -182,6 +210,8 @@ def rows_to_flat(table: Sequence[Sequence[int]], first_row: int = 0) -> Flat:
             f"A rows table must be 2-D [rows, channels], got shape {t.shape}."
         )
     R, C = t.shape
+    if streams is not None and C > streams.num_channels:
+        streams.check_channels([C - 1])
     y = np.repeat(np.arange(first_row, first_row + R), C)
     return _flat(t, np.tile(np.arange(C), R), y)
 
@@ -194,11 +224,26 @@ class Block:
     tokens: List[int]
     y0: int
 
+    def __post_init__(self):
+        # a channel past the model's count is refused by blocks_to_flat(streams=)
+        # or by the model call, which know the count
+        if isinstance(self.channel, bool) or not isinstance(self.channel, (int, np.integer)):
+            raise ValueError(f"Block channel must be an int, got {self.channel!r}.")
+        if self.channel < 0:
+            raise ValueError(f"Block channel must be >= 0, got {self.channel}.")
 
-def blocks_to_flat(blocks: Sequence[Block]) -> Flat:
-    """Concatenate blocks in the given order; token k of a block gets ``y0 + k``."""
+
+def blocks_to_flat(
+    blocks: Sequence[Block], streams: Optional[StreamSpec] = None
+) -> Flat:
+    """Concatenate blocks in the given order; token k of a block gets ``y0 + k``.
+
+    With ``streams`` (``model.streams``) a block on a channel the model lacks is
+    refused here; without, the model call refuses it."""
     ids, ch, ys = [], [], []
     for b in blocks:
+        if streams is not None:
+            streams.check_channels([b.channel])
         ids += list(b.tokens)
         ch += [b.channel] * len(b.tokens)
         ys += range(b.y0, b.y0 + len(b.tokens))

@@ -4,16 +4,16 @@ folders and plain base models of a supported family, from a local path or the
 Hugging Face Hub."""
 
 import glob
-import json
-import struct
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import mlx.nn as nn
 from mlx_lm.utils import load_config, load_model as lm_load_model, load_tokenizer
 
+from .heads import with_default_heads
 from .models import architectures, family_for, get_model_classes
 from .models.base import CHANNEL_KEY
+from .checks import check_config, check_tokenizer_files, inside, read_json, safetensors_header
 from .vocab import check_tokenizer_fits
 from .streams import BLOCKS, ROWS, StreamSpec, blocks_spec, rows_spec, silence_token_id
 
@@ -63,9 +63,8 @@ def safetensors_shapes(folder: Path) -> Dict[str, Tuple[int, ...]]:
     """Tensor shapes of every ``model*.safetensors`` file, read from the headers only."""
     shapes = {}
     for f in sorted(glob.glob(str(folder / "model*.safetensors"))):
-        with open(f, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
+        inside(folder, Path(f).name, "The weight file")
+        header = safetensors_header(Path(f))
         shapes.update(
             {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
         )
@@ -103,7 +102,8 @@ def stream_facts(config: Dict[str, Any], shapes: Dict[str, Tuple[int, ...]]) -> 
     if "channel_names" not in ms:
         base = rows_spec(n) if ms["layout"] == ROWS else blocks_spec(n)
         ms = {**base.to_config(), **ms}
-    StreamSpec.from_config(ms, n)  # validate now: one clear error at load time
+    spec = StreamSpec.from_config(ms, n)  # validate now: one clear error at load time
+    ms = with_default_heads(config, ms, spec)  # docs/generation.md#heads
     return {"num_channels": n, "multistream": ms, **family.extra_facts(config)}
 
 
@@ -132,7 +132,9 @@ def load_model(
                 f"mstream-mlx convert --hf-path {model_path} --mlx-path OUT"
             )
         raise FileNotFoundError(f"No model*.safetensors in {model_path}.")
-    config = load_config(model_path)
+    check_config(read_json(model_path / "config.json", "config.json"), shapes, model_path)
+    config = load_config(model_path)  # adds generation_config.json's eos ids
+    check_architecture(config, model_path)
     facts = stream_facts(config, shapes)
     try:
         return lm_load_model(
@@ -143,6 +145,31 @@ def load_model(
         )
     except ValueError as e:  # MLX's weight checks span lines; keep one line
         raise ValueError(f"{model_path}: {' '.join(str(e).split())}") from e
+    except (TypeError, KeyError, AttributeError, ZeroDivisionError) as e:
+        # a config value of a type or size the family's code cannot build from
+        raise ValueError(
+            f"{model_path}/config.json does not describe a model mstream-mlx can "
+            f"build ({type(e).__name__}: {' '.join(str(e).split())})."
+        ) from e
+
+
+def check_architecture(config: Dict[str, Any], model_path: Path) -> None:
+    """Refuse an ``architectures`` entry no family reads, as convert does (it would
+    otherwise load as a rows model)."""
+    family = family_for(config)
+    archs = config.get("architectures") or []
+    known = architectures()
+    if not isinstance(archs, list) or (archs and archs[0] not in known):
+        raise ValueError(
+            f"Unknown architecture {archs if not isinstance(archs, list) else archs[0]!r} "
+            f"in {model_path / 'config.json'}; mstream-mlx reads {', '.join(known)}."
+        )
+    if archs and known[archs[0]][0] is not family:
+        raise ValueError(
+            f"Inconsistent config in {model_path / 'config.json'}: architecture "
+            f"{archs[0]} is a {known[archs[0]][0].name} model but model_type is "
+            f"{config.get('model_type')!r}."
+        )
 
 
 def load(
@@ -174,9 +201,16 @@ def load(
 
         load_adapters(model, adapter_path)
         model.eval()
-    tokenizer = load_tokenizer(
-        model_path, tokenizer_config, eos_token_ids=config.get("eos_token_id")
-    )
+    check_tokenizer_files(model_path)
+    try:
+        tokenizer = load_tokenizer(
+            model_path, tokenizer_config, eos_token_ids=config.get("eos_token_id")
+        )
+    except Exception as e:  # transformers also validates config.json here
+        raise ValueError(
+            f"Cannot load the tokenizer of {model_path} ({type(e).__name__}: "
+            f"{' '.join(str(e).split())[:300]})."
+        ) from e
     check_tokenizer_fits(tokenizer, model.args.vocab_size, str(model_path))
     ms = model.args.multistream
     if ms["layout"] == ROWS and ms.get("silence_token_id") is None:

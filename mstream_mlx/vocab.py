@@ -44,3 +44,24 @@ def check_tokenizer_fits(tokenizer, vocab_size: int, where: Optional[str] = None
             f"{vocab_size}: ids {vocab_size}..{n - 1} have no embedding; use the "
             "tokenizer the model was trained with."
         )
+
+
+def check_ids(ids, vocab_size: int, what: str = "Token id") -> None:
+    """Raise one ``ValueError`` when any of ``ids`` (any nesting of ints, or an
+    array) is not an integer in ``0 .. vocab_size - 1``.
+
+    ``what`` starts the message (``"A prefill row's token id"`` ...); the message
+    names the first offending id and the vocabulary's range.
+    """
+    import numpy as np
+
+    a = np.asarray(ids)
+    if a.size == 0:
+        return
+    if a.dtype == np.bool_ or not np.issubdtype(a.dtype, np.integer):
+        raise ValueError(f"{what}s must be integers, got {a.dtype} values.")
+    bad = a[(a < 0) | (a >= vocab_size)]
+    if bad.size:
+        raise ValueError(
+            f"{what} {int(bad.flat[0])} is outside the vocabulary (0..{vocab_size - 1})."
+        )

@@ -64,8 +64,17 @@ def test_report_structure(report):
         assert len(e["session"]["samples"]) == 2
     assert [e["tokens"] for e in report["prefill"]] == [20, 40]
     assert report["baseline"]["samples"] and report["weights_gb"] > 0
-    for key in ("n1_within_5pct", "timesteps_ge_0.8x_for_n_le_4", "prefill_ge_0.9x"):
+    for key in (
+        "session_n1_ge_0.95x_mlx_lm",
+        "session_ge_1.0x_mlx_lm_batch",
+        "loop_ge_0.95x_mlx_lm_batch",
+        "rows_ge_1.0x_mlx_lm_batch",
+    ):
         assert isinstance(report["targets"][key]["met"], bool)
+    # the rows schedule: C = 10 tokens per decode row, the prompt as prefill rows
+    rows = report["rows_decode"]
+    for s in rows["session"]["samples"]:
+        assert s["timesteps"] == 3 and s["tokens"] == 30 and s["prompt_tokens"] == 10
     json.dumps(report)  # --json must work
 
 
@@ -92,9 +101,11 @@ def test_ratios_come_from_the_measured_runs(report):
             for a, b in pairs
         )
         assert e["ratio"] == pytest.approx(want)
-    n1 = report["targets"]["n1_within_5pct"]
-    assert n1["ratio"] == report["streams"][0]["tokens_vs_mlx_lm"]
+    n1 = report["targets"]["session_n1_ge_0.95x_mlx_lm"]
+    assert n1["ratio"] == report["streams"][0]["timesteps_vs_mlx_lm"]
     assert n1["met"] == (n1["ratio"] >= 0.95)
+    many = report["targets"]["session_ge_1.0x_mlx_lm_batch"]
+    assert many["ratio"] == {3: report["streams"][1]["timesteps_vs_mlx_lm_batch"]}
 
 
 def test_tables_render(report):

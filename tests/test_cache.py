@@ -117,3 +117,21 @@ def test_deltanet_cache_round_trips_through_mlx_lm(tmp_path):
     (loaded,) = lm_cache.load_prompt_cache(str(f))
     assert type(loaded) is DeltaNetCache and loaded.offset == 6
     assert loaded.max_y.tolist() == [1] and mx.array_equal(loaded[1], c[1])
+
+
+def test_multi_stream_prefill_chunks_fit_the_scores_budget():
+    """Where attention runs unfused (CPU, CUDA), a multi-stream prompt is cut so that
+    chunk x context x heads fp32 scores stay within the budget; a single-stream prompt
+    (its mask is "causal") keeps whole chunks."""
+    from types import SimpleNamespace
+
+    from mstream_mlx import prefill as P
+    from mstream_mlx.streams import Flat, rows_to_flat
+
+    model = SimpleNamespace(args=SimpleNamespace(num_attention_heads=16))
+    rows = rows_to_flat(np.arange(8190).reshape(-1, 10) % 50)
+    assert P._unfused_chunk(model, rows, [SimpleNamespace(offset=0)]) == 512
+    held = [SimpleNamespace(offset=8192)]
+    assert P._unfused_chunk(model, rows, held) == P.MIN_CHUNK
+    single = Flat(np.zeros(8192, np.int32), np.zeros(8192, np.int32), np.arange(8192, dtype=np.int32))
+    assert P._unfused_chunk(model, single, [SimpleNamespace(offset=0)]) == 8192

@@ -41,7 +41,7 @@ def blocks_model(tmp_path_factory):
     from safetensors.numpy import load_file, save_file
 
     folder = make_checkpoint(tmp_path_factory.mktemp("chat-blocks"), "qwen3", "blocks",
-                             num_channels=4, tied=False)
+                             num_channels=4, tied=False, heads=("assistant", "auditor"))
     f = folder / "model.safetensors"
     w = load_file(str(f))
     im_end = json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"]["<|im_end|>"]

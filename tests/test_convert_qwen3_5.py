@@ -93,7 +93,7 @@ def test_reference_checkpoint_converts_and_matches(tmp_path, tok_dir, capsys, na
     src = checkpoint(tmp_path / "src", tok_dir, **kw)
     dst = convert(src, tmp_path / "mlx", **flags)
     warned = "config.json has no deltanet_block_causal; using the reference code's default"
-    assert (warned in capsys.readouterr().out) == (not kw.get("modes", True))
+    assert (warned in capsys.readouterr().err) == (not kw.get("modes", True))
 
     cfg, source = read_config(dst), read_config(src)
     C = kw["C"]

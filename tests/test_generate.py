@@ -96,14 +96,16 @@ def rows_silent(tmp_path_factory):
 
 @pytest.fixture(scope="module", params=[3, 4], ids=["2-stream", "3-stream"])
 def blocks(request, tiny_checkpoint):
-    return pair(tiny_checkpoint("qwen3", "blocks", num_channels=request.param))
+    heads = ("assistant", "auditor") if request.param == 4 else None  # auditing
+    return pair(tiny_checkpoint("qwen3", "blocks", num_channels=request.param, heads=heads))
 
 
 @pytest.fixture(scope="module")
 def blocks_stop(tmp_path_factory):
     """3 streams whose heads emit <|im_end|> at different steps."""
     base = make_checkpoint(
-        tmp_path_factory.mktemp("b4"), "qwen3", "blocks", num_channels=4, tied=False
+        tmp_path_factory.mktemp("b4"), "qwen3", "blocks", num_channels=4, tied=False,
+        heads=("assistant", "auditor"),
     )
     _, tok = mstream_mlx.load(base)
     return pair(
@@ -344,7 +346,9 @@ def test_blocks_3stream_decode_uses_the_rule(tiny_checkpoint):
     """The reference's 3-stream decode mask is broken (a masked_fill_ on an advanced-index
     copy: every decode query sees only itself, sec5 §4.4).  Ours follows the rule: the
     greedy trace equals the argmax of one full forward of the final block layout."""
-    model, tok = mstream_mlx.load(tiny_checkpoint("qwen3", "blocks", num_channels=4))
+    model, tok = mstream_mlx.load(
+        tiny_checkpoint("qwen3", "blocks", num_channels=4, heads=("assistant", "auditor"))
+    )
     spec = model.streams
     s = Session(model, tok, sampling=GREEDY, max_tokens=8)
     s.feed("user", PROMPT)

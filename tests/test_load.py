@@ -84,7 +84,7 @@ def test_plain_base_model_gets_a_fresh_channel_table(tmp_path, capsys):
 
     folder = make_checkpoint(tmp_path / "m", "qwen3", "blocks", channel_embedding=False)
     model, _ = mstream_mlx.load(folder)
-    assert "no channel embedding" in capsys.readouterr().out
+    assert "no channel embedding" in capsys.readouterr().err
     assert model.streams.names == ("system", "user", "assistant")
     std = float(np.array(model.model.channel_embedding.weight).std())
     assert 0.015 < std < 0.025

@@ -545,7 +545,7 @@ def test_load_reference_checkpoint(tmp_path, capsys, nested):
     folder = _write_checkpoint(tmp_path / "ckpt", cfg, state, nested)
     model, tokenizer = mstream_mlx.load(str(folder))
     warned = "no deltanet_block_causal; using the reference code's default"
-    assert (warned in capsys.readouterr().out) == nested
+    assert (warned in capsys.readouterr().err) == nested
     assert model.args.deltanet_block_causal == ("block_causal" if nested else "column")
     assert model.args.deltanet_conv == "column"
     spec = model.streams

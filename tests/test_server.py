@@ -50,7 +50,7 @@ def rows():
 
 @pytest.fixture(scope="module")
 def blocks_folder(tiny_checkpoint):
-    return tiny_checkpoint("qwen3", "blocks", num_channels=4)
+    return tiny_checkpoint("qwen3", "blocks", num_channels=4, heads=("assistant", "auditor"))
 
 
 @pytest.fixture(scope="module")

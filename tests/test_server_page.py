@@ -178,7 +178,7 @@ def test_page_on_a_blocks_model_reads_until_end_input(tiny_checkpoint):
     End input button closes it and the heads finish."""
     from mstream_mlx.server import ServerConfig, make_server
 
-    folder = tiny_checkpoint("qwen3", "blocks", num_channels=4)
+    folder = tiny_checkpoint("qwen3", "blocks", num_channels=4, heads=("assistant", "auditor"))
     server = make_server(ServerConfig(model=str(folder), port=0, tick=0.02, max_tokens=60))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     browser = Browser()

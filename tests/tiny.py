@@ -7,7 +7,7 @@ are single tokens as in Qwen's tokenizer.
 """
 
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 WORDS = (
     "system user assistant you are a helpful what is the answer one two three four "
@@ -72,7 +72,7 @@ def tiny_config(
 
 
 ARCHITECTURES = {
-    # how the reference code names its classes (shared/reference: §5, §6, §7)
+    # how the reference code names its classes (paper §5, §6, §7; docs/design.md)
     ("qwen3", "blocks"): ["Qwen3ForMultiStream"],
     ("qwen2", "blocks"): ["Qwen2ForMultiStream"],
     ("qwen3", "rows"): ["Qwen3ForCausalLM"],
@@ -92,10 +92,16 @@ def make_checkpoint(
     shards: int = 1,
     dtype=None,
     channel_embedding: bool = True,
+    heads: Optional[Sequence[str]] = None,
     **config_overrides,
 ) -> Path:
     """Write a tiny random checkpoint the way the reference training writes it
-    (config + weights + tokenizer) and return ``folder``."""
+    (config + weights + tokenizer) and return ``folder``.
+
+    ``heads``: also record the heads that generate (``"multistream": {"heads": ...}``,
+    as a converted or fine-tuned folder does); without it a blocks checkpoint runs the
+    reference evaluation's one assistant head (docs/generation.md#heads).
+    """
     import torch
 
     from tests.reference.checkpoint import random_state_dict, write_reference_checkpoint
@@ -108,6 +114,8 @@ def make_checkpoint(
     if not channel_embedding:
         state.pop("model.channel_embedding.weight")
         config.pop("num_channels")
+    if heads is not None:
+        config["multistream"] = {"heads": list(heads)}
     write_reference_checkpoint(
         folder,
         config,

@@ -37,11 +37,11 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .. import BlocksOptions, Session
+from .. import BlocksOptions, RowsOptions, Session
 from ..prefill import prefill
 from ..session import generation_stream
 from ..step import step
-from ..streams import Flat, blocks_spec, rows_to_flat
+from ..streams import Flat, blocks_spec, rows_spec, rows_to_flat
 
 QWEN3 = {
     "model_type": "qwen3",
@@ -82,6 +82,19 @@ SHAPES = {
         "head_dim": 128,
         "vocab_size": 151936,
     },
+}
+# The Stream-8B shape (paper §7: Qwen3-8B, untied head): the weight-bandwidth-bound regime
+# closest to a Mac's, and the one the multi-stream argument is about.
+SHAPES["qwen3-8b"] = {
+    **QWEN3,
+    "hidden_size": 4096,
+    "num_hidden_layers": 36,
+    "intermediate_size": 12288,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "vocab_size": 151936,
+    "tie_word_embeddings": False,
 }
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 ROWS_PREFILL_STREAMS = 10  # the §7 rows model: 10 tokens share each timestep
@@ -308,6 +321,38 @@ def run_session(model, tokenizer, prompt: List[int], heads: int, rows: int) -> R
         times[0] - start,
         last.generation_timesteps,
         tokens,
+        times[-1] - times[0],
+        mx.get_peak_memory() / 1e9,
+    )
+
+
+def run_rows_session(
+    model, tokenizer, prompt: List[int], channels: int, rows: int
+) -> Run:
+    """The §7 rows schedule: ``channels`` streams, the prompt as prefill rows (one
+    token per channel per row), then ``rows`` decode rows of ``channels`` tokens."""
+    set_heads(model, channels - 2)
+    blocks = model.args.multistream
+    silence = tokenizer.encode(" -", add_special_tokens=False)[0]
+    model.args.multistream = rows_spec(channels, silence).to_config()
+    table = np.resize(prompt, max(channels, len(prompt) - len(prompt) % channels))
+    options = RowsOptions(prefill_rows=table.reshape(-1, channels).tolist())
+    try:
+        session = Session(model, tokenizer, rows=options, max_steps=rows, interactive=False)
+        _fresh()
+        start = time.perf_counter()
+        times, last = [], None
+        for event in session:
+            times.append(time.perf_counter())
+            last = event
+    finally:
+        model.args.multistream = blocks
+    steps = len(times) - 1
+    return Run(
+        table.size,
+        times[0] - start,
+        steps,
+        steps * channels,
         times[-1] - times[0],
         mx.get_peak_memory() / 1e9,
     )
@@ -548,6 +593,9 @@ def run_bench(
             timesteps_vs_mlx_lm_batch=paired_ratio(
                 ses, runs["mlx_lm_batch"], "timesteps_per_sec"
             ),
+            loop_timesteps_vs_mlx_lm_batch=paired_ratio(
+                runs["model_loop"], runs["mlx_lm_batch"], "timesteps_per_sec"
+            ),
         )
         if ref is not None:
             if opts.warmup:
@@ -560,6 +608,18 @@ def run_bench(
         rows.append(entry)
     report["baseline"] = _summary(baseline)
     report["streams"] = rows
+
+    C = ROWS_PREFILL_STREAMS
+    log(f"[bench] rows decode, C={C}: Session, mlx-lm batch-{C}")
+    fns = {
+        "session": lambda: run_rows_session(model, tokenizer, prompt, C, opts.rows),
+        "mlx_lm_batch": lambda: run_mlx_lm_batch(lm, prompt, C, opts.rows),
+    }
+    runs = _interleaved(fns, opts.repeats, list(fns) if opts.warmup else [])
+    report["rows_decode"] = {"channels": C, **{k: _summary(v) for k, v in runs.items()}}
+    report["rows_decode"]["timesteps_vs_mlx_lm_batch"] = paired_ratio(
+        runs["session"], runs["mlx_lm_batch"], "timesteps_per_sec"
+    )
 
     table = []
     for P in opts.prefill_tokens or [opts.prompt_tokens]:
@@ -643,52 +703,55 @@ def measure(
     )
 
 
+# The paper's own rows decode loop (its §7 generate: PyTorch, bf16, C = 10, greedy) on one
+# NVIDIA H200, random weights (issue 15's measurement): the anchor of the rows target.
+PAPER_LOOP_ROWS_PER_S = {"qwen3-0.6b": 11.5, "qwen3-8b": 8.4}
+
+
 def targets(report: dict) -> Dict[str, dict]:
-    """The issue's targets, checked on the measured numbers."""
-    base = report["baseline"]["tokens_per_s"]
+    """Issue 15's targets, checked on the measured numbers (docs/benchmarks.md)."""
     by_n = {e["n"]: e for e in report["streams"]}
     out = {}
     if 1 in by_n:
-        r = by_n[1]["tokens_vs_mlx_lm"]
-        out["n1_within_5pct"] = {"ratio": r, "met": r is not None and r >= 0.95}
-    small = [e for n, e in sorted(by_n.items()) if n <= 4]
-    if small:
-        worst = min(e["timesteps_vs_mlx_lm"] for e in small)
-        out["timesteps_ge_0.8x_for_n_le_4"] = {
-            "worst_ratio": worst,
-            "met": worst >= 0.8,
+        r = by_n[1]["timesteps_vs_mlx_lm"]
+        out["session_n1_ge_0.95x_mlx_lm"] = {"ratio": r, "met": r is not None and r >= 0.95}
+    many = {n: e for n, e in by_n.items() if n > 1}
+    if many:
+        ses = {n: e["timesteps_vs_mlx_lm_batch"] for n, e in many.items()}
+        loop = {n: e["loop_timesteps_vs_mlx_lm_batch"] for n, e in many.items()}
+        out["session_ge_1.0x_mlx_lm_batch"] = {
+            "ratio": ses, "met": all(r is not None and r >= 1.0 for r in ses.values())
         }
-    agg = [(n, e["session"]["tokens_per_s"]) for n, e in sorted(by_n.items())]
-    stops = next((n for (m, a), (n, b) in zip(agg, agg[1:]) if b <= a), None)
-    out["aggregate_grows_with_n"] = {
-        "tokens_per_s": dict(agg),
-        "stops_growing_at": stops,
-        "met": stops is None,
-    }
-    big = [e for e in report["prefill"] if e["tokens"] >= 2048] or report["prefill"][
-        -1:
-    ]
-    if big:
-        e = big[0]
-        out["prefill_ge_0.9x"] = {
-            "tokens": e["tokens"],
-            "ratio": e["ratio"],
-            "met": e["ratio"] >= 0.9,
+        out["loop_ge_0.95x_mlx_lm_batch"] = {
+            "ratio": loop, "met": all(r is not None and r >= 0.95 for r in loop.values())
         }
-    # activation memory (peak minus weights) of the explicit-mask rows prefill next
-    # to mlx-lm's chunked prefill at each length: an L x L mask would show here
-    act = {
-        e["tokens"]: {
-            "ours_rows": e["ours_rows"]["peak_memory_gb"] - report["weights_gb"],
-            "mlx_lm": e["mlx_lm"]["peak_memory_gb"] - report["weights_gb"],
+    rows = report.get("rows_decode")
+    if rows:
+        r = rows["timesteps_vs_mlx_lm_batch"]
+        out["rows_ge_1.0x_mlx_lm_batch"] = {"ratio": r, "met": r is not None and r >= 1.0}
+        paper = PAPER_LOOP_ROWS_PER_S.get(report["name"])
+        if paper:
+            got = rows["session"]["timesteps_per_s"]
+            out["rows_ge_10x_paper_loop"] = {
+                "rows_per_s": got, "anchor_h200": paper, "met": got >= 10 * paper
+            }
+    for e in report["prefill"]:
+        if e["tokens"] < 2048:
+            continue
+        act = {
+            k: e[k]["peak_memory_gb"] - report["weights_gb"] for k in ("ours_rows", "mlx_lm")
         }
-        for e in report["prefill"]
+        out[f"rows_prefill_{e['tokens']}"] = {
+            "activation_gb": act,
+            "tokens_ratio": e["rows_ratio"],
+            "met": act["ours_rows"] <= 1.2 * act["mlx_lm"] + 0.05 and e["rows_ratio"] >= 0.9,
+        }
+    # weights read per decode step: how close each N comes to the bandwidth limit
+    out["weight_gb_per_s"] = {
+        "value": {
+            n: report["weights_gb"] * e["session"]["timesteps_per_s"] for n, e in by_n.items()
+        }
     }
-    out["prefill_memory_like_mlx_lm"] = {
-        "activation_gb": act,
-        "met": all(a["ours_rows"] <= 1.25 * a["mlx_lm"] + 0.05 for a in act.values()),
-    }
-    out["baseline_tokens_per_s"] = {"value": base}
     return out
 
 
@@ -731,6 +794,16 @@ def format_tables(report: dict) -> str:
             + f" | {_f(s['prefill_tps'])} | {_f(s['ttft_s'], '.3f')} "
             f"| {_f(s['peak_memory_gb'], '.2f')} |"
         )
+    rows = report.get("rows_decode")
+    if rows:
+        s = rows["session"]
+        lines += [
+            "",
+            f"Rows layout (§7), C = {rows['channels']}: Session "
+            f"{_f(s['timesteps_per_s'])} rows/s ({_f(s['tokens_per_s'])} tokens/s), mlx-lm "
+            f"batch-{rows['channels']} {_f(rows['mlx_lm_batch']['timesteps_per_s'])} "
+            f"steps/s, ratio {_f(rows['timesteps_vs_mlx_lm_batch'], '.2f')}.",
+        ]
     lines += [
         "",
         "| prompt tokens | ours tok/s (1 stream) | ours tok/s (10-stream rows) "

@@ -32,6 +32,7 @@ import mlx.core as mx
 
 from ..cache import KVPolicy
 from ..events import StepEvent
+from ..heads import head_names
 from ..sample import SamplingSettings
 from ..schedules import DEFAULT_SYSTEM, BlocksOptions, RowsOptions, schedule_class
 from ..session import Session
@@ -59,6 +60,7 @@ class ChatOptions:
         max_steps: timesteps per turn (blocks, and a plain-mode rows turn).
         system_prompt: blocks: the system block; rows: read first on the user stream.
         close_after: blocks: seconds the user block stays open for more text.
+        heads: the output streams that generate (``None``: the model's; docs/generation.md).
         kv_bits, kv_group_size, quantized_kv_start, kv_window: the session's KV cache
             bounds (``Session``'s ``max_kv_timesteps`` is ``kv_window``).
         idle_pause: rows: all-silent rows before the clock stops until the user types
@@ -77,6 +79,7 @@ class ChatOptions:
     max_steps: Optional[int] = None
     system_prompt: Optional[str] = None
     close_after: float = 2.0
+    heads: Optional[Sequence[str]] = None
     kv_bits: Optional[int] = None
     kv_group_size: int = 64
     quantized_kv_start: int = 5000
@@ -103,7 +106,7 @@ class ModelInfo:
     layout: str
     names: Tuple[str, ...]
     user: str  # the main input stream: rows "User", blocks "user"
-    outputs: Tuple[str, ...]
+    outputs: Tuple[str, ...]  # the heads: the output streams that generate
     silence_token: Optional[int]
 
     @property
@@ -135,7 +138,7 @@ def load_chat_model(opts: ChatOptions):
         layout=spec.layout,
         names=tuple(spec.names),
         user=spec.names[spec.inputs[-1]],
-        outputs=tuple(spec.names[c] for c in spec.outputs),
+        outputs=head_names(model, opts.heads),
         silence_token=spec.silence_token,
     )
     return model, tokenizer, info
@@ -155,9 +158,9 @@ def make_session(
         method=schedule_class(info.layout).sampling_method,
     )
     kwargs = dict(
-        sampling=sampling, max_tokens=opts.max_tokens, kv_bits=opts.kv_bits,
-        kv_group_size=opts.kv_group_size, quantized_kv_start=opts.quantized_kv_start,
-        max_kv_timesteps=opts.kv_window,
+        sampling=sampling, max_tokens=opts.max_tokens, heads=info.outputs,
+        kv_bits=opts.kv_bits, kv_group_size=opts.kv_group_size,
+        quantized_kv_start=opts.quantized_kv_start, max_kv_timesteps=opts.kv_window,
     )
     if info.layout == BLOCKS:
         close = opts.close_after <= 0 if close_user is None else close_user

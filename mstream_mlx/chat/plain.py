@@ -21,6 +21,7 @@ import sys
 import time
 from typing import Dict, Optional, TextIO
 
+from ..checks import is_text
 from ..generate import summary_lines
 from ..streams import BLOCKS
 from .engine import ChatOptions, load_chat_model, make_session
@@ -45,15 +46,21 @@ def run_plain(
 ) -> int:
     """Chat over lines of ``stdin``; returns the exit status."""
     stdin, out, err = stdin or sys.stdin, out or sys.stdout, err or sys.stderr
+    if hasattr(stdin, "reconfigure"):  # a line that is not UTF-8 is skipped, not fatal
+        stdin.reconfigure(errors="surrogateescape")
     model, tokenizer, info = load_chat_model(opts)
     name = info.label if info.label == opts.model else f"{info.label} ({opts.model})"
     print(f"[chat] model: {name} ({info.layout}; streams: {', '.join(info.names)})",
           file=err, flush=True)
+    print(f"[chat] heads: {', '.join(info.outputs)}", file=err, flush=True)
     transcript = Transcript(info, meta)
     session, index, last = None, 0, None
     for line in stdin:
         text = line.strip()
         if not text:
+            continue
+        if not is_text(text):
+            print("[chat] skipped a line that is not valid UTF-8.", file=err, flush=True)
             continue
         if text.startswith("/"):
             cmd, _, arg = text.partition(" ")

@@ -156,7 +156,8 @@ class ChatScreen:
             name = msg.info.label if msg.info.label == where else f"{msg.info.label} ({where})"
             self.transcript.notice(
                 f"model: {name} · {msg.info.layout} · streams: "
-                f"{', '.join(msg.info.names)} · {start} · /help for keys"
+                f"{', '.join(msg.info.names)} · heads: {', '.join(msg.info.outputs)} · "
+                f"{start} · /help for keys"
             )
             for text in self.pending_notices:
                 self.transcript.notice(text)

@@ -8,6 +8,7 @@ at each token's timestep ``y``, the stream mask (``mask.py``) and the ``y`` of e
 new key recorded in the cache (paper §3-§4; ``docs/design.md``).
 """
 
+import sys
 from dataclasses import dataclass, field
 from typing import (
     Any,
@@ -22,11 +23,13 @@ from typing import (
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from ..attention import rope_pairs
 from ..cache import StreamKVCache, push_positions
 from ..mask import Mask, attention_mask, make_mask
-from ..streams import BLOCKS, LAYOUTS, ROWS, StreamSpec
+from ..streams import BLOCKS, LAYOUTS, ROWS, StreamSpec, check_channels
+from ..vocab import check_ids
 
 CHANNEL_KEY = "model.channel_embedding.weight"
 # Keys the reference checkpoints carry for its (disabled) role gating: never used.
@@ -58,7 +61,9 @@ class MultiStreamModel(Protocol):
 
     ``inputs``, ``channels`` and ``positions`` are ``[B, L]`` int arrays (token id,
     channel, timestep y); the logit of token (c, y) predicts stream c at y + 1.  The
-    mask is derived from ``positions`` unless one is passed; ``cache`` comes from
+    mask is derived from ``positions`` unless one is passed (give them as host values,
+    numpy or an evaluated array: the mask's shortcuts read them on the host, and a
+    lazy array would wait for the device); ``cache`` comes from
     :meth:`make_cache` and is changed in place.  ``args`` carries at least
     ``model_type``, ``vocab_size``, ``num_channels``, ``multistream`` and
     ``tie_word_embeddings``.  Optional: ``tokens_per_row`` (calls must carry whole
@@ -117,6 +122,10 @@ def stream_inputs(
         and one cache entry per layer (Nones without a cache).  The new tokens' ``y``
         are recorded in the caches, after the mask was read from them.
     """
+    if isinstance(positions, np.ndarray):
+        # host positions: the mask shortcuts read them without waiting for the device
+        # (a lazy mx array here would stall the pipeline; docs/benchmarks.md)
+        positions = mx.array(positions, dtype=mx.int32)
     # paper §3: the channel embedding is added once, before layer 0
     h = backbone.embed_tokens(inputs) + backbone.channel_embedding(channels)
     # cos/sin gathered by y, cast and paired once for all layers
@@ -169,6 +178,11 @@ class StreamModel(nn.Module):
                 f"inputs, channels and positions must have one shape, got "
                 f"{inputs.shape}, {channels.shape} and {positions.shape}."
             )
+        # The user's entry point: ids and channels are read on the host (inputs are
+        # host-built, so no GPU sync).  Session, prefill and the loss call self.model
+        # with ids checked where they entered (docs/checks.md).
+        check_ids(inputs, self.args.vocab_size)
+        check_channels(channels, self.args.num_channels)
         return self.lm_logits(self.model(inputs, channels, positions, cache, mask))
 
     def lm_logits(self, h: mx.array) -> mx.array:
@@ -192,7 +206,8 @@ class StreamModel(nn.Module):
             # reference's init) so it can be fine-tuned into a multi-stream model.
             print(
                 "[WARNING] The checkpoint has no channel embedding; initialised "
-                f"{self.args.num_channels} channels at N(0, 0.02) for fine-tuning."
+                f"{self.args.num_channels} channels at N(0, 0.02) for fine-tuning.",
+                file=sys.stderr,
             )
             shape = (self.args.num_channels, self.args.hidden_size)
             out[CHANNEL_KEY] = 0.02 * mx.random.normal(shape, key=mx.random.key(0))
@@ -240,6 +255,9 @@ class Family:
             the flags decide).
         saved_architectures: layout -> the class name written into ``config.json``
             by convert and export.
+        variant_architectures: model_type -> layout -> class name, for the model
+            types the reference saves under a class of their own (Qwen3.5-MoE:
+            ``StreamQwen3_5MoeForCausalLM``); others use ``saved_architectures``.
         layouts: the layouts the family runs; the first is a base model's default.
         sections: layout -> the paper section a stream checkpoint comes from.
         layout_note: why a layout outside ``layouts`` is refused.
@@ -259,11 +277,21 @@ class Family:
     to_reference: Callable[[Dict[str, mx.array]], Dict[str, mx.array]] = _same
     keep_fp32: Callable[[str], bool] = _never
     extra_facts: Callable[[dict], dict] = _no_facts
+    variant_architectures: Dict[str, Dict[str, str]] = field(default_factory=dict)
 
     def __post_init__(self):
         assert self.model_types[0] == self.name, "model_types must start with name"
         assert set(self.layouts) <= set(LAYOUTS) and self.layouts
         assert set(self.saved_architectures) == set(self.layouts)
+        for model_type, saved in self.variant_architectures.items():
+            assert model_type in self.model_types and set(saved) == set(self.layouts)
+
+    def saved_architecture(self, layout: str, model_type: Optional[str]) -> str:
+        """The class name convert and export write for a ``model_type`` model in
+        ``layout``."""
+        return self.variant_architectures.get(model_type, self.saved_architectures)[
+            layout
+        ]
 
     def check_layout(self, layout: str, source: str) -> None:
         """One clear error when ``layout`` is not one this family runs."""

@@ -84,12 +84,18 @@ FAMILY = Family(
     model_types=("qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text"),
     architectures={
         "StreamQwen3_5ForCausalLM": ROWS,  # the reference's Stream-27B class
+        "StreamQwen3_5MoeForCausalLM": ROWS,  # its Qwen3.5-MoE (35B-A3B) class
         "Qwen3_5ForCausalLM": None,
         "Qwen3_5ForConditionalGeneration": None,
         "Qwen3_5MoeForCausalLM": None,
         "Qwen3_5MoeForConditionalGeneration": None,
     },
     saved_architectures={ROWS: "StreamQwen3_5ForCausalLM"},
+    # the reference saves its MoE model under a class of its own
+    variant_architectures={
+        t: {ROWS: "StreamQwen3_5MoeForCausalLM"}
+        for t in ("qwen3_5_moe", "qwen3_5_moe_text")
+    },
     layouts=(ROWS,),
     sections={ROWS: "§7"},
     layout_note=" (its DeltaNet state runs row by row)",
@@ -105,9 +111,10 @@ class ModelArgs(BaseModelArgs):
     model_type: str
     hidden_size: int
     num_hidden_layers: int
-    intermediate_size: int
     num_attention_heads: int
     vocab_size: int
+    # dense MLP width; a Qwen3.5-MoE config has none (every layer is sparse)
+    intermediate_size: Optional[int] = None
     rms_norm_eps: float = 1e-6
     num_key_value_heads: Optional[int] = None
     head_dim: Optional[int] = None
@@ -171,6 +178,12 @@ class ModelArgs(BaseModelArgs):
             raise ValueError(
                 f"layer_types must list {self.num_hidden_layers} entries of "
                 f"'linear_attention'/'full_attention', got {self.layer_types}."
+            )
+        dense = self.num_experts == 0 or bool(self.mlp_only_layers)
+        if dense and not self.intermediate_size:
+            raise ValueError(
+                "intermediate_size is missing from the model config (the dense MLP "
+                "layers need it)."
             )
         if self.num_channels < 1:
             raise ValueError(f"num_channels must be >= 1, got {self.num_channels}.")
@@ -347,6 +360,10 @@ class Model(qwen3.Model):
         return self._sanitize_experts(weights)
 
     def _sanitize_experts(self, weights):
+        """Experts as mlx-lm's ``switch_mlp`` stacks, from the fused layout of
+        transformers >= 5 (the reference's parameters, as its lean-checkpoint
+        converter writes them) or one tensor per expert (its ``save_pretrained``)."""
+        E = self.args.num_experts
         for i in range(self.args.num_hidden_layers):
             p = f"model.layers.{i}.mlp"
             if f"{p}.experts.gate_up_proj" in weights:  # fused (transformers >= 5)
@@ -359,11 +376,15 @@ class Model(qwen3.Model):
                 )
             elif f"{p}.experts.0.up_proj.weight" in weights:  # one key per expert
                 for n in ("gate_proj", "up_proj", "down_proj"):
+                    keys = [f"{p}.experts.{e}.{n}.weight" for e in range(E)]
+                    missing = [k for k in keys if k not in weights]
+                    if missing:
+                        raise ValueError(
+                            f"Missing tensor {missing[0]} (the config has {E} "
+                            f"experts per layer)."
+                        )
                     weights[f"{p}.switch_mlp.{n}.weight"] = mx.stack(
-                        [
-                            weights.pop(f"{p}.experts.{e}.{n}.weight")
-                            for e in range(self.args.num_experts)
-                        ]
+                        [weights.pop(k) for k in keys]
                     )
         return weights
 

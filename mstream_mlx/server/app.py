@@ -35,6 +35,7 @@ from typing import Optional
 
 from mstream_mlx import Session
 from mstream_mlx.generate import feed_prompt
+from mstream_mlx.heads import head_names
 
 from .live import Live, TooManySessions, Worker
 from .openai_api import Completion, models_list, prompt_from_messages, stop_strings
@@ -301,7 +302,7 @@ class Handler(BaseHTTPRequestHandler):
 
         spec = model.streams
         comp = Completion([spec.names[c] for c in spec.inputs],
-                          [spec.names[c] for c in spec.outputs], cfg.model_id, stream, stops)
+                          list(head_names(model, kwargs["heads"])), cfg.model_id, stream, stops)
         live = worker.add(make, tick=0.0, paused=False)
         worker.update(live, reader="attached")
         session = live.session
@@ -360,7 +361,7 @@ class Handler(BaseHTTPRequestHandler):
             layout=spec.layout,
             streams=live.names,
             inputs=[spec.names[c] for c in spec.inputs],
-            outputs=[spec.names[c] for c in spec.outputs],
+            outputs=list(head_names(model, kwargs["heads"])),
             events=f"/v1/sessions/{live.id}/events",
         )
         self._json(201, out)

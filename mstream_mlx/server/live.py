@@ -26,6 +26,7 @@ import mlx.core as mx
 
 import mstream_mlx
 from mstream_mlx import Session, StepEvent
+from mstream_mlx.heads import head_names
 
 from .options import ServerConfig, shown_streams
 
@@ -142,7 +143,8 @@ class Worker:
             with self.cond:
                 del self.lives[sid]
             raise
-        live = Live(sid, session, shown_streams(self.model.streams), tick, self.lock)
+        shown = shown_streams(self.model.streams, session.schedule.heads)
+        live = Live(sid, session, shown, tick, self.lock)
         live.paused = paused
         with self.cond:
             self.lives[sid] = live
@@ -215,6 +217,7 @@ class Worker:
         self.model, self.tokenizer = mstream_mlx.load(
             self.cfg.model, adapter_path=self.cfg.adapter_path
         )
+        head_names(self.model, self.cfg.heads)  # a bad --heads fails at start
         self._ready.set()
         while not self._quit:
             self._run_calls()

@@ -40,6 +40,8 @@ class ServerConfig:
         max_sessions: sessions (live ones and running completions) at once; one more is 429.
         max_body: request bodies larger than this many bytes are 413.
         idle_timeout: seconds a live session nobody listens to is kept.
+        heads: the output streams that generate (``None``: the model's); a request's
+            ``"heads"`` (a list of names) overrides it.
         kv_bits, kv_group_size, quantized_kv_start, kv_window: every session's KV
             cache bounds (``Session``'s; ``kv_window`` is ``max_kv_timesteps``).
     """
@@ -66,6 +68,7 @@ class ServerConfig:
     max_sessions: int = 8
     max_body: int = 1 << 20
     idle_timeout: float = 60.0
+    heads: Optional[Sequence[str]] = None
     kv_bits: Optional[int] = None
     kv_group_size: int = 64
     quantized_kv_start: int = 5000
@@ -111,6 +114,16 @@ def text(body: Mapping[str, Any], key: str, default: Optional[str] = None) -> Op
     return value
 
 
+def heads(body: Mapping[str, Any], default: Optional[Sequence[str]]):
+    """A request's ``"heads"``: a list of output stream names (``Session`` checks them)."""
+    value = body.get("heads")
+    if value is None:
+        return default
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"'heads' must be a list of stream names, got {value!r}.")
+    return value
+
+
 def session_kwargs(
     model, cfg: ServerConfig, body: Mapping[str, Any], *, live: bool
 ) -> dict:
@@ -139,9 +152,9 @@ def session_kwargs(
         method=method,
     )
     kwargs = dict(
-        sampling=sampling, max_tokens=max_tokens, kv_bits=cfg.kv_bits,
-        kv_group_size=cfg.kv_group_size, quantized_kv_start=cfg.quantized_kv_start,
-        max_kv_timesteps=cfg.kv_window,
+        sampling=sampling, max_tokens=max_tokens, heads=heads(body, cfg.heads),
+        kv_bits=cfg.kv_bits, kv_group_size=cfg.kv_group_size,
+        quantized_kv_start=cfg.quantized_kv_start, max_kv_timesteps=cfg.kv_window,
     )
     if blocks:
         kwargs["max_steps"] = cfg.max_steps
@@ -156,7 +169,11 @@ def session_kwargs(
     return kwargs
 
 
-def shown_streams(spec) -> list:
-    """The streams an event carries: all but the blocks system stream, as
-    ``generate --format jsonl`` shows them."""
-    return [n for c, n in enumerate(spec.names) if not (spec.layout == "blocks" and c == 0)]
+def shown_streams(spec, heads: Optional[Sequence[int]] = None) -> list:
+    """The streams an event carries: all but the blocks system stream and the output
+    streams that are not ``heads`` (channels), as ``generate --format jsonl`` shows them."""
+    return [
+        n for c, n in enumerate(spec.names)
+        if not (spec.layout == "blocks" and c == 0)
+        and (heads is None or c in spec.inputs or c in heads)
+    ]

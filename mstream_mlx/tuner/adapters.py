@@ -28,6 +28,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from ..atomic import atomic_file
+from ..heads import adopt_heads
 
 ADAPTER_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -338,6 +339,9 @@ def load_adapters(model: nn.Module, adapter_path) -> nn.Module:
             f"model has {have}."
         )
     where = Path(adapter_path) / CONFIG_FILE
+    heads = (cfg.get("multistream") or {}).get("heads")
+    if heads:
+        adopt_heads(model, heads)  # the heads the adapters were trained for
     if kind not in FINE_TUNE_TYPES:
         raise ValueError(
             f"{where}: unknown fine_tune_type {kind!r}; expected "

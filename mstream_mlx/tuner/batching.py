@@ -5,7 +5,7 @@ A batch is ``(inputs, channels, positions, index, targets, weights)``:
 
 * ``inputs, channels, positions`` ``[B, T]``: the tokens, right-padded.  A pad token
   gets ``y = max_y + 1`` of its row, so by the mask rule (``y_j < y_i``) no real
-  token ever sees a pad (reference §6.4 does the same) and padding changes nothing.
+  token ever sees a pad (the reference does the same) and padding changes nothing.
 * ``index`` ``[B, K]``: where the supervised tokens sit, so the loss runs the LM head
   on K tokens instead of T (in the blocks layout the user and system blocks carry no
   loss).  ``K == 0`` means "every position": then ``targets``/``weights`` are

@@ -18,6 +18,7 @@ A malformed line raises :class:`DataError` naming the file, the line and the rea
 
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -150,7 +151,8 @@ class StreamDataset:
             self._warned = True
             print(
                 f"[WARNING] Some examples are longer than {max_length} tokens; their "
-                "last timesteps are dropped. Consider --max-seq-length or shorter data."
+                "last timesteps are dropped. Consider --max-seq-length or shorter data.",
+                file=sys.stderr,
             )
         if ex is None:
             raise ValueError(
@@ -330,7 +332,7 @@ class ExampleBuilder:
             raise ValueError(
                 f"'token_ids' has {len(ids)} channels but the model has {C}"
             )
-        # reference §1.1: a C-channel model keeps the first C channels of the table
+        # as the reference: a C-channel model keeps the first C channels of the table
         for c, col in enumerate(ids[:C]):
             if len(col) != R:
                 raise ValueError(
@@ -346,7 +348,7 @@ class ExampleBuilder:
         R, C = table.shape
         y = np.repeat(np.arange(R), C)
         ch = np.tile(np.arange(C), R)
-        labels = np.isin(ch, self.spec.outputs)  # §6.2: silence targets included
+        labels = np.isin(ch, self.spec.outputs)  # silence targets included (docs/fine-tuning.md)
         return _example(table.reshape(-1), ch, y, labels)
 
     # -- blocks (§5-6) -----------------------------------------------------------
@@ -385,7 +387,7 @@ class ExampleBuilder:
             ids = self._text(text, f"assistant stream {h}")
             if not ids:
                 raise ValueError(f"assistant stream {h} is empty")
-            contents.append(ids + [chat.im_end])  # §5.2: <|im_end|> is supervised
+            contents.append(ids + [chat.im_end])  # <|im_end|> is supervised (docs/fine-tuning.md)
         delays = [
             offsets.get(avail[h], self._default_wait(h)) for h in range(len(heads))
         ]
@@ -394,7 +396,7 @@ class ExampleBuilder:
         labels = np.zeros(len(flat), dtype=bool)
         start = len(blocks[0].tokens) + len(blocks[1].tokens)
         for b in blocks[2:]:
-            # §5.2: the loss starts after the 3-token "<|im_start|>assistant\n" prefix
+            # the loss starts after the 3-token "<|im_start|>assistant\n" prefix
             labels[start + 3 : start + len(b.tokens)] = True
             start += len(b.tokens)
         return _example(flat.ids, flat.channels, flat.positions, labels)

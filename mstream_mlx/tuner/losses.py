@@ -2,10 +2,10 @@
 """The multi-stream training loss: cross-entropy on output streams only.
 
 The logit of token ``(c, y)`` predicts the token at ``(c, y + 1)``: the next token of
-the *same* stream (rows: the flat index plus C, reference §7 §6.1; blocks: the next
-token of the block, §5-6 §5.3).  The batches (:mod:`.batching`) already hold that
+the *same* stream (rows: the flat index plus C; blocks: the next token of
+the block; docs/fine-tuning.md).  The batches (:mod:`.batching`) already hold that
 target and a weight per token; input streams have weight 0, so they never enter the
-loss.  Optionally Long-CE (§5.5 / §7 §6.3) reweights tokens by how much the other
+loss.  Optionally Long-CE (paper §5.5) reweights tokens by how much the other
 streams helped to predict them.
 """
 
@@ -20,7 +20,7 @@ from ..mask import stream_mask
 
 @dataclass
 class LongCE:
-    """Long-CE reweighting (paper §5.5 / Table 4; reference sec5/sec6/sec7 trainers).
+    """Long-CE reweighting (paper §5.5, Table 4).
 
     Per supervised token, ``lsd = log p_full - log p_self`` (detached), where
     ``p_self`` comes from a no-grad forward in which every output token sees only its

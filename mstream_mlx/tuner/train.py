@@ -32,6 +32,7 @@ from mlx_lm.tuner.callbacks import TrainingCallback
 from mlx_lm.tuner.utils import build_schedule, print_trainable_parameters
 
 from ..atomic import atomic_file
+from ..heads import trained_heads
 from ..streams import BLOCKS
 from .adapters import (
     ADAPTER_FILE,
@@ -622,7 +623,7 @@ def make_loss(model, args: LoraArgs) -> StreamLoss:
     return StreamLoss(spec.num_channels, long_ce, context)
 
 
-def adapter_config(args: LoraArgs, model) -> dict:
+def adapter_config(args: LoraArgs, model, heads: Optional[list] = None) -> dict:
     cfg = dataclasses.asdict(args)
     if args.fine_tune_type == "full":
         cfg["lora_parameters"] = None
@@ -632,6 +633,8 @@ def adapter_config(args: LoraArgs, model) -> dict:
     )
     spec = model.streams
     cfg["multistream"] = {**spec.to_config(), "num_channels": spec.num_channels}
+    if heads:  # the heads the data trained: loading with the adapters runs them
+        cfg["multistream"]["heads"] = heads
     return cfg
 
 
@@ -702,6 +705,7 @@ def train_model(
         return result
 
     batches = BatchIterator(seed=args.seed, pad_to=pad_multiple(model, args), start_step=start)
+    heads = trained_heads(model.streams, train_set)
     writer = world.main  # one process writes, as in mlx-lm
     last_saved = [start if args.resume_adapter_file else None]
 
@@ -726,7 +730,7 @@ def train_model(
             optimizer=optimizer,
             optimizer_name=optimizer_name,
             numbered=numbered,
-            config=adapter_config(args, model),
+            config=adapter_config(args, model, heads),
         )
         last_saved[0] = step
 

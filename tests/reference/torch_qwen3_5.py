@@ -12,7 +12,11 @@ slow but obvious:
   ``d = beta (v - S~^T k)``, then
   - ``column``: one ``S`` per stream, ``S = S~ + k d^T``, ``o = S^T q``;
   - ``block_causal``: every token of row r forks from the state after all earlier rows,
-    ``o = S~^T q + (q.k) d``; the state then advances over the row in channel order.
+    ``o = S~^T q + (q.k) d``; the state then advances over the row in channel order;
+* MoE MLP (Qwen3.5-MoE, every layer): softmax over E router logits, the top-k probabilities
+  renormalised to sum 1 weight k SwiGLU experts, plus one shared SwiGLU expert scaled by
+  ``sigmoid(shared_expert_gate(x))``. Checkpoints store the experts fused (``gate_up_proj``
+  ``[E, 2I, D]``, ``down_proj`` ``[E, D, I]``) or one tensor per expert (``save_pretrained``).
 """
 
 from __future__ import annotations
@@ -169,7 +173,7 @@ class RefQwen35Config:
         return cls(
             hidden_size=int(text["hidden_size"]),
             num_hidden_layers=n,
-            intermediate_size=int(text["intermediate_size"]),
+            intermediate_size=int(text.get("intermediate_size") or 0),  # MoE configs have none
             num_attention_heads=heads,
             num_key_value_heads=int(text.get("num_key_value_heads") or heads),
             head_dim=head_dim,
@@ -241,6 +245,43 @@ class Experts(nn.Module):
         E, D, I = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
         self.gate_up_proj = nn.Parameter(torch.zeros(E, 2 * I, D))
         self.down_proj = nn.Parameter(torch.zeros(E, D, I))
+
+
+def experts_per_key(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The fused experts as ``save_pretrained`` writes them: one ``[I, D]`` gate, one ``[I, D]`` up
+    and one ``[D, I]`` down matrix per expert, ``...mlp.experts.<e>.<proj>.weight``. A fused
+    ``gate_up_proj[e]`` is the gate rows, then the up rows."""
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        if key.endswith(".mlp.experts.gate_up_proj"):
+            prefix = key.removesuffix("gate_up_proj")
+            for e, pair in enumerate(value):
+                gate, up = pair.chunk(2, dim=0)
+                out[f"{prefix}{e}.gate_proj.weight"], out[f"{prefix}{e}.up_proj.weight"] = gate, up
+        elif key.endswith(".mlp.experts.down_proj"):
+            prefix = key.removesuffix("down_proj")
+            out.update({f"{prefix}{e}.down_proj.weight": w for e, w in enumerate(value)})
+        else:
+            out[key] = value
+    return out
+
+
+def fused_experts(weights: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The inverse of :func:`experts_per_key` (what this model's ``state_dict`` holds)."""
+    out: dict[str, Tensor] = {}
+    per_expert: dict[str, dict[int, dict[str, Tensor]]] = {}
+    for key, value in weights.items():
+        head, sep, tail = key.partition(".mlp.experts.")
+        if sep and tail.split(".")[0].isdigit():
+            e, proj = tail.split(".")[:2]
+            per_expert.setdefault(f"{head}.mlp.experts.", {}).setdefault(int(e), {})[proj] = value
+        else:
+            out[key] = value
+    for prefix, experts in per_expert.items():
+        order = [experts[e] for e in range(len(experts))]
+        out[prefix + "gate_up_proj"] = torch.stack([torch.cat([x["gate_proj"], x["up_proj"]]) for x in order])
+        out[prefix + "down_proj"] = torch.stack([x["down_proj"] for x in order])
+    return out
 
 
 class SparseMoe(nn.Module):
@@ -435,7 +476,7 @@ class RefQwen35Model(nn.Module):
     def from_pretrained(cls, folder: str | Path, dtype: torch.dtype = torch.float32) -> RefQwen35Model:
         folder = Path(folder)
         config = json.loads((folder / "config.json").read_text())
-        weights = sanitize_weights(load_weights(folder))
+        weights = fused_experts(sanitize_weights(load_weights(folder)))
         weights = {k: v for k, v in weights.items() if not k.startswith("mtp.")}
         config["num_channels"] = weights[CHANNEL_KEY].shape[0]
         model = cls(config)
@@ -483,5 +524,7 @@ __all__ = [
     "delta_block_causal",
     "delta_column",
     "delta_vanilla",
+    "experts_per_key",
+    "fused_experts",
     "random_qwen3_5_state_dict",
 ]
