@@ -3,6 +3,7 @@
 live (full screen), or line by line when stdin is not a terminal (``--plain``)."""
 
 import sys
+from dataclasses import replace
 from typing import Optional
 
 import typer
@@ -12,7 +13,11 @@ from mstream_mlx.checks import number, sampling_flags
 from .common import (
     ADAPTER_PATH,
     HEADS,
+    KV_BITS,
+    KV_GROUP_SIZE,
+    KV_WINDOW,
     MODEL,
+    QUANTIZED_KV_START,
     SEED,
     SYSTEM_PROMPT,
     TEMP,
@@ -22,6 +27,7 @@ from .common import (
 )
 
 TICK_SCREEN = 0.2  # default seconds per timestep full screen: readable as it scrolls
+IDLE_PAUSE = 16  # rows: below the bundled model's trained pauses (24 rows at most)
 
 
 def chat_command(
@@ -63,6 +69,16 @@ def chat_command(
         "--hide-thinking",
         help="Start with the thinking/auditor streams hidden (Tab toggles).",
     ),
+    kv_bits: Optional[int] = KV_BITS,
+    kv_group_size: int = KV_GROUP_SIZE,
+    quantized_kv_start: int = QUANTIZED_KV_START,
+    kv_window: Optional[int] = KV_WINDOW,
+    idle_pause: int = typer.Option(
+        IDLE_PAUSE,
+        "--idle-pause",
+        help="Rows: stop the clock after this many all-silent rows with nothing typed, "
+        "until you type again (0 = never).",
+    ),
     plain: bool = typer.Option(
         False,
         "--plain",
@@ -100,6 +116,11 @@ def chat_command(
             system_prompt=system_prompt,
             close_after=close_after,
             heads=parse_heads(heads),
+            kv_bits=kv_bits,
+            kv_group_size=kv_group_size,
+            quantized_kv_start=quantized_kv_start,
+            kv_window=kv_window,
+            idle_pause=idle_pause,
         )
         # what a saved transcript records about this run
         meta = {
@@ -115,9 +136,13 @@ def chat_command(
                 "close_after": close_after,
                 "heads": heads,
                 "tick": tick,
+                "kv_bits": kv_bits,
+                "kv_window": kv_window,
+                "idle_pause": idle_pause,
             },
         }
         if plain:
+            opts = replace(opts, idle_pause=0)  # plain: the clock runs per turn only
             raise typer.Exit(run_plain(opts, hide_thinking=hide_thinking, meta=meta))
 
         from mstream_mlx.chat.screen import ChatScreen

@@ -27,6 +27,19 @@ TOP_P = typer.Option(1.0, "--top-p", help="Nucleus sampling mass.")
 TOP_K = typer.Option(0, "--top-k", help="Keep the k best tokens (0 = off).")
 SEED = typer.Option(None, "--seed", help="Seed of the MLX random generator.")
 REVISION = typer.Option(None, "--revision", help="Hub revision.")
+# Long sessions (docs/long-sessions.md): mlx-lm's KV quantization flags and our window.
+KV_BITS = typer.Option(
+    None, "--kv-bits", help="Quantize the KV cache to 4 or 8 bits (default: no quantization)."
+)
+KV_GROUP_SIZE = typer.Option(64, "--kv-group-size", help="Group size of KV quantization.")
+QUANTIZED_KV_START = typer.Option(
+    5000, "--quantized-kv-start", help="Cached tokens before the KV cache is quantized."
+)
+KV_WINDOW = typer.Option(
+    None,
+    "--kv-window",
+    help="Keep the prompt and the last W timesteps in the KV cache (default: all).",
+)
 HEADS = typer.Option(
     None,
     "--heads",

@@ -18,7 +18,11 @@ from mstream_mlx.checks import number, read_stdin, sampling_flags
 from .common import (
     ADAPTER_PATH,
     HEADS,
+    KV_BITS,
+    KV_GROUP_SIZE,
+    KV_WINDOW,
     MODEL,
+    QUANTIZED_KV_START,
     SEED,
     SYSTEM_PROMPT,
     TEMP,
@@ -269,6 +273,10 @@ def generate_command(
     prefill_step_size: int = typer.Option(
         2048, "--prefill-step-size", help="Tokens per prefill chunk."
     ),
+    kv_bits: Optional[int] = KV_BITS,
+    kv_group_size: int = KV_GROUP_SIZE,
+    quantized_kv_start: int = QUANTIZED_KV_START,
+    kv_window: Optional[int] = KV_WINDOW,
     streams: Optional[str] = typer.Option(
         None,
         "--streams",
@@ -466,6 +474,8 @@ def generate_command(
             max_kv_size=max_kv_size,
             prompt_cache_file=prompt_cache_file,
             prefill_step_size=prefill_step_size,
+            kv_bits=kv_bits, kv_group_size=kv_group_size,
+            quantized_kv_start=quantized_kv_start, max_kv_timesteps=kv_window,
             record_logits=record_logits,
             pipeline=False if no_pipeline else None,
             heads=heads,

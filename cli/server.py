@@ -10,7 +10,18 @@ import typer
 
 from mstream_mlx.checks import number, sampling_flags
 
-from .common import ADAPTER_PATH, HEADS, MODEL, SEED, choice, user_errors
+from .common import (
+    ADAPTER_PATH,
+    HEADS,
+    KV_BITS,
+    KV_GROUP_SIZE,
+    KV_WINDOW,
+    MODEL,
+    QUANTIZED_KV_START,
+    SEED,
+    choice,
+    user_errors,
+)
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -71,6 +82,10 @@ def server_command(
     log_level: str = typer.Option(
         "INFO", "--log-level", help="DEBUG, INFO, WARNING, ERROR or CRITICAL."
     ),
+    kv_bits: Optional[int] = KV_BITS,
+    kv_group_size: int = KV_GROUP_SIZE,
+    quantized_kv_start: int = QUANTIZED_KV_START,
+    kv_window: Optional[int] = KV_WINDOW,
 ):
     """Serve a multi-stream model: OpenAI-compatible API, live sessions, a page at /."""
     with user_errors(RuntimeError):
@@ -108,6 +123,10 @@ def server_command(
             max_body=max_body,
             idle_timeout=idle_timeout,
             heads=parse_heads(heads),
+            kv_bits=kv_bits,
+            kv_group_size=kv_group_size,
+            quantized_kv_start=quantized_kv_start,
+            kv_window=kv_window,
         )
         if cfg.host not in LOOPBACK:
             typer.echo(

@@ -122,13 +122,13 @@ def stream_attention(
     A decode row of several streams carries an array mask.  MLX's CUDA backend sends
     such a call to cuDNN, which builds one graph per key length: a new graph every
     step (measured 13-15 steps/s for 3 or 10 streams on an H100, 0.6B).  There, few
-    queries go through :func:`padded_attention` (one graph per 256 keys; without a
-    plain KV buffer, :func:`masked_attention`); elsewhere (CPU, Metal, whose fused
-    kernels take masks) through ``mx.fast.scaled_dot_product_attention``.
-    docs/benchmarks.md has the measurements.
+    queries go through :func:`masked_attention` instead; elsewhere (CPU, Metal, whose
+    fused kernels take masks) through ``mx.fast.scaled_dot_product_attention``.  A
+    quantized cache (``cache.bits``) goes through mlx-lm's quantized SDPA.  (Fused SDPA
+    over the whole padded KV buffer, one graph per 256 keys, measured no faster on an
+    H200: docs/benchmarks.md.)
     """
-    if isinstance(mask, mx.array) and q.shape[2] <= SMALL_QUERY and _on_cuda():
-        if getattr(cache, "keys", None) is not None and not getattr(cache, "bits", None):
-            return padded_attention(q, cache, scale, mask)
+    quantized = hasattr(cache, "bits")
+    if isinstance(mask, mx.array) and q.shape[2] <= SMALL_QUERY and _on_cuda() and not quantized:
         return masked_attention(q, k, v, scale, mask)
     return scaled_dot_product_attention(q, k, v, cache, scale=scale, mask=mask)

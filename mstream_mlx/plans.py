@@ -251,6 +251,10 @@ class Schedule:
         """Whether the session may launch step ``k+1`` before reading step ``k``."""
         return True
 
+    def idle(self) -> bool:
+        """Whether the clock has stopped until an input is fed (under the lock)."""
+        return False
+
     def mask(
         self, ids: mx.array, positions: mx.array, cache, *, decode: bool
     ) -> Optional[mx.array]:

@@ -15,7 +15,7 @@ import numpy as np
 from mlx_lm.models import cache as lm_cache
 
 from .atomic import atomic_file
-from .cache import StreamKVCache
+from .cache import QuantizedStreamKVCache, StreamKVCache
 from .deltanet import DeltaNetCache
 from .streams import Flat, StreamSpec
 
@@ -30,7 +30,7 @@ def _register(*classes):
         setattr(lm_cache, cls.__name__, cls)
 
 
-_register(StreamKVCache, DeltaNetCache)
+_register(StreamKVCache, QuantizedStreamKVCache, DeltaNetCache)
 
 
 def _check_name(file: str):

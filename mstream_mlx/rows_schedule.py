@@ -62,6 +62,10 @@ class RowsOptions:
         keep_sampled_user: interactive with prefill rows only: the first generated row
             keeps the *model-sampled* user token unless one is fed — a reference quirk
             (see docs/design.md), off by default (silence).
+        idle_pause: interactive only: after this many all-silent rows with nothing
+            queued the clock stops (``Session.step`` waits) until something is fed,
+            so a pause of any length looks to the model like this many rows
+            (docs/long-sessions.md).  0: never.
     """
 
     pre_think: int = 1
@@ -74,6 +78,7 @@ class RowsOptions:
     ablate: Sequence[str] = ()
     skip_silence: bool = False
     keep_sampled_user: bool = False
+    idle_pause: int = 0
 
     @classmethod
     def for_model(cls, model, **overrides) -> "RowsOptions":
@@ -90,6 +95,8 @@ class RowsOptions:
             raise ValueError(f"pre_think must be >= 0, got {self.pre_think}.")
         if self.silence_exit is not None and self.silence_exit < 1:
             raise ValueError(f"silence_exit must be >= 1, got {self.silence_exit}.")
+        if self.idle_pause < 0:
+            raise ValueError(f"idle_pause (--idle-pause) must be >= 0, got {self.idle_pause}.")
 
 
 @dataclass
@@ -164,6 +171,7 @@ class RowsSchedule(Schedule):
         self.got_user = False
         self.quiet = 0
         self.silent_rows = 0
+        self.idle_rows = 0  # all-silent rows (user included) with nothing queued
         self.key_sil: Optional[mx.array] = None  # skip_silence: silence flag per key
 
     @classmethod
@@ -218,10 +226,18 @@ class RowsSchedule(Schedule):
         # interactive: a feed must still be able to change the row just produced
         return not self.interactive
 
+    def idle(self) -> bool:
+        return (
+            bool(self.interactive) and 0 < self.opts.idle_pause <= self.idle_rows
+            and not self.done and not any(self.queues[c] for c in self.ins)
+        )
+
     def mask(self, ids, positions, cache, *, decode: bool) -> Optional[mx.array]:
         """skip_silence: the rule, minus every silence key but a token's own."""
         if not self.opts.skip_silence:
             return None
+        if self.key_sil is not None and len(self.key_sil) != cache[0].offset:
+            raise ValueError("skip_silence cannot run with a timestep window (--kv-window).")
         mask = make_mask(positions, cache[0])  # (1, 1, L, S)
         L, S = positions.shape[1], mask.shape[-1]
         sil = ids[0] == self.sil
@@ -376,6 +392,9 @@ class RowsSchedule(Schedule):
             any(self.queues[c] and r >= self.pre_think for c in self.ins)
             or self.quirk is not None
         )
+        heard = any(t != self.sil for t in getattr(plan, "read", {}).values())
+        quiet = all(v == self.sil for v in row.values()) and not user_next
+        self.idle_rows = self.idle_rows + 1 if quiet and not heard and not prefill else 0
         if all(v == self.sil for v in row.values()) and not user_next:
             self.silent_rows += 1
             limit = None if self.interactive else (self.opts.silence_exit or 1)

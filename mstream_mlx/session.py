@@ -28,6 +28,7 @@ from typing import List, Mapping, Optional, Sequence, Union
 
 import mlx.core as mx
 
+from .cache import KVPolicy
 from .events import EventLog, StepEvent
 from .plans import DecodePlan, Plan, PrefillPlan, SeedPlan, per_output
 from .prefill import DEFAULT_PREFILL_STEP, in_timestep_order, prefill
@@ -92,6 +93,8 @@ class Session:
             may differ when a launched step is redone (a head stopped).
         record_logits: fill ``StepEvent.logits_summary``.
         heads: output streams that generate, in order (default: the model's; docs/generation.md).
+        kv_bits, kv_group_size, quantized_kv_start, max_kv_timesteps: a bounded cache
+            for long runs (:class:`~mstream_mlx.cache.KVPolicy`, docs/long-sessions.md).
     """
 
     def __init__(
@@ -112,13 +115,13 @@ class Session:
         pipeline: Optional[bool] = None,
         record_logits: bool = False,
         heads: Optional[Sequence[str]] = None,
+        kv_bits: Optional[int] = None, kv_group_size: int = 64,
+        quantized_kv_start: int = 5000, max_kv_timesteps: Optional[int] = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
         self.spec = spec = model.streams
         self.names = list(spec.names)
-        if max_kv_size is not None and max_kv_size < 1:
-            raise ValueError(f"max_kv_size must be >= 1, got {max_kv_size}.")
         if prefill_step_size < 1:
             raise ValueError(f"prefill_step_size must be >= 1, got {prefill_step_size}.")
         kind = schedule_class(spec.layout)
@@ -141,7 +144,9 @@ class Session:
         self.pipeline = bool(pipeline)
         self.record_logits = record_logits
         self.cache = model.make_cache()
-        self._lock = threading.Lock()  # queues and flags (feed/close/stop vs step)
+        self.kv = KVPolicy.for_model(model, self.cache, max_kv_size, kv_bits, kv_group_size,
+                                     quantized_kv_start, max_kv_timesteps)
+        self._lock = threading.Condition()  # queues and flags (feed/close/stop vs step)
         self._step_lock = threading.Lock()  # one step at a time
         self._inflight: Optional[_Inflight] = None
         self._started = False
@@ -185,6 +190,7 @@ class Session:
                 )
             sched.check_feed(c)
             sched.queues[c].extend(ids)
+            self._lock.notify_all()
         return len(ids)
 
     def close(self, stream="user"):
@@ -196,6 +202,7 @@ class Session:
         """End the run at the next :meth:`step` (safe from any thread)."""
         with self._lock:
             self._stop_requested = True
+            self._lock.notify_all()
 
     def queued(self, stream=None) -> int:
         """Input tokens fed but not read yet, on ``stream`` or on every input stream."""
@@ -226,6 +233,8 @@ class Session:
             if self.done:
                 raise RuntimeError(f"The session has finished ({self.finish_reason}).")
             with self._lock:
+                while self.schedule.idle() and not self._stop_requested:
+                    self._lock.wait()  # rows idle pause: the clock waits for input
                 stop = self._stop_requested
             if stop:
                 self._cancel()
@@ -311,10 +320,7 @@ class Session:
         return cur
 
     def _fits(self, plan: DecodePlan) -> bool:
-        return (
-            self.max_kv_size is None
-            or self.cache[0].offset + len(plan.ids) <= self.max_kv_size
-        )
+        return self.kv.fits(self.cache, plan.ys, len(plan.ids))
 
     def _can_fit_next(self) -> bool:
         with self._lock:
@@ -344,6 +350,7 @@ class Session:
     def _launch(self, plan: DecodePlan) -> _Inflight:
         ids = plan.tokens()
         positions = mx.array([plan.ys], dtype=mx.int32)
+        self.kv.before_step(self.cache, plan.ys)
         mask = self.schedule.mask(ids, positions, self.cache, decode=True)
         logits = forward_step(
             self.model, self.cache, ids, plan.channels, positions,
@@ -365,10 +372,7 @@ class Session:
 
     def _prefill(self, plan: PrefillPlan) -> _Inflight:
         flat = plan.flat
-        if self.max_kv_size is not None and len(flat) > self.max_kv_size:
-            raise ValueError(
-                f"The prompt needs {len(flat)} cache entries but max_kv_size is {self.max_kv_size}."
-            )
+        self.kv.check_prompt(flat.positions)
         sflat, wanted = in_timestep_order(flat, plan.sample_at)
         done, path = 0, self.prompt_cache_file
         if path and Path(path).exists():

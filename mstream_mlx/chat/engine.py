@@ -30,10 +30,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 
+from ..cache import KVPolicy
 from ..events import StepEvent
 from ..heads import head_names
 from ..sample import SamplingSettings
-from ..schedules import DEFAULT_SYSTEM, BlocksOptions, schedule_class
+from ..schedules import DEFAULT_SYSTEM, BlocksOptions, RowsOptions, schedule_class
 from ..session import Session
 from ..streams import BLOCKS
 
@@ -60,6 +61,10 @@ class ChatOptions:
         system_prompt: blocks: the system block; rows: read first on the user stream.
         close_after: blocks: seconds the user block stays open for more text.
         heads: the output streams that generate (``None``: the model's; docs/generation.md).
+        kv_bits, kv_group_size, quantized_kv_start, kv_window: the session's KV cache
+            bounds (``Session``'s ``max_kv_timesteps`` is ``kv_window``).
+        idle_pause: rows: all-silent rows before the clock stops until the user types
+            (0 = never; docs/long-sessions.md).
     """
 
     model: str
@@ -75,6 +80,11 @@ class ChatOptions:
     system_prompt: Optional[str] = None
     close_after: float = 2.0
     heads: Optional[Sequence[str]] = None
+    kv_bits: Optional[int] = None
+    kv_group_size: int = 64
+    quantized_kv_start: int = 5000
+    kv_window: Optional[int] = None
+    idle_pause: int = 0
 
     def __post_init__(self):
         if self.tick < 0:
@@ -83,6 +93,9 @@ class ChatOptions:
             raise ValueError(f"--close-after must be >= 0 seconds, got {self.close_after}.")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"--max-steps must be >= 1, got {self.max_steps}.")
+        if self.idle_pause < 0:
+            raise ValueError(f"--idle-pause must be >= 0, got {self.idle_pause}.")
+        KVPolicy(None, self.kv_bits, self.kv_group_size, self.quantized_kv_start, self.kv_window)
 
 
 @dataclass(frozen=True)
@@ -144,7 +157,11 @@ def make_session(
         temp=opts.temp, top_p=opts.top_p, top_k=opts.top_k,
         method=schedule_class(info.layout).sampling_method,
     )
-    kwargs = dict(sampling=sampling, max_tokens=opts.max_tokens, heads=info.outputs)
+    kwargs = dict(
+        sampling=sampling, max_tokens=opts.max_tokens, heads=info.outputs,
+        kv_bits=opts.kv_bits, kv_group_size=opts.kv_group_size,
+        quantized_kv_start=opts.quantized_kv_start, max_kv_timesteps=opts.kv_window,
+    )
     if info.layout == BLOCKS:
         close = opts.close_after <= 0 if close_user is None else close_user
         session = Session(
@@ -154,8 +171,10 @@ def make_session(
         )
     else:
         # interactive: never stops on silence; a feed lands in the row just produced
+        rows = RowsOptions.for_model(model, idle_pause=opts.idle_pause)
         session = Session(
-            model, tokenizer, max_steps=ROWS_SESSION_STEPS, interactive=True, **kwargs
+            model, tokenizer, max_steps=ROWS_SESSION_STEPS, interactive=True, rows=rows,
+            **kwargs,
         )
         if opts.system_prompt:  # paper §7: the system prompt streams through the user channel
             session.feed(info.user, opts.system_prompt)
@@ -208,6 +227,7 @@ class Stepped:
     model_rate: float  # timesteps per second the model could do (step time only)
     tokens_per_sec: float  # output tokens (silence included) per second
     memory: float  # active MLX memory, GB
+    idle: bool = False  # rows idle pause: the clock stopped after this step
 
 
 @dataclass
@@ -386,7 +406,7 @@ class ChatEngine:
     def _has_work(self) -> bool:
         return (
             self._reset or bool(self._pending) or self._clock
-            or (self._live() and not self._paused)
+            or (self._live() and not self._paused and not self._session.schedule.idle())
         )
 
     def _prepare(self) -> Optional[Session]:
@@ -437,7 +457,7 @@ class ChatEngine:
             self._closed = True
         self.outbox.put(Stepped(
             self._index, event, cells, queued, rate, model_rate, rate * per_step,
-            mx.get_active_memory() / 1e9,
+            mx.get_active_memory() / 1e9, s.schedule.idle(),
         ))
         if s.done:
             self.outbox.put(Ended(self._index, s.finish_reason or "stop"))

@@ -457,7 +457,7 @@ class ChatScreen:
         if s is None:
             return f" t -  ·  {pace}"
         fields = [
-            [f" t {s.event.t}"],
+            [f" t {s.event.t}" + (" · idle: the clock waits for you" if s.idle else "")],
             [f"{s.rate:.1f} {unit}", f"(model {s.model_rate:.0f}/s)"],
             [f"{self._said_per_sec(s):.1f} tok/s"],
             [f"queued {s.queued}"],

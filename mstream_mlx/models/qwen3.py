@@ -37,6 +37,7 @@ class ModelArgs(BaseModelArgs):
     vocab_size: int
     num_key_value_heads: Optional[int] = None
     head_dim: Optional[int] = None
+    max_position_embeddings: Optional[int] = None  # positions trained on
     tie_word_embeddings: bool = False
     rope_theta: Optional[float] = None
     rope_scaling: Optional[Dict[str, Union[float, str]]] = None

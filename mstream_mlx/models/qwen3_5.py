@@ -118,6 +118,7 @@ class ModelArgs(BaseModelArgs):
     rms_norm_eps: float = 1e-6
     num_key_value_heads: Optional[int] = None
     head_dim: Optional[int] = None
+    max_position_embeddings: Optional[int] = None  # positions trained on
     linear_num_value_heads: int = 32
     linear_num_key_heads: int = 16
     linear_key_head_dim: int = 128
