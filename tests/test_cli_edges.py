@@ -299,7 +299,7 @@ def test_chat_screen_fits_and_keeps_the_answer_in_view(size):
     tm = Tmux(f"edges-{w}")
     try:
         tm.tmux("resize-window", "-t", "t", "-x", str(w), "-y", str(h))
-        tm.keys(f"{sys.executable} -m mstream_mlx.cli.main chat --tick 0.05; echo EXIT=$?",
+        tm.keys(f"{sys.executable} -m mstream_mlx.cli.main chat --tick 0.05 --idle-pause 0; echo EXIT=$?",
                 "Enter")
         tm.wait(r"model: ", 60)
         tm.type(BUNDLED_PROMPT)
