@@ -224,9 +224,7 @@ def default_model_path() -> Path:
     Raises:
         ValueError: when no default model is bundled.
     """
-    import mstream_mlx  # read at call time: the package's location, wherever installed
-
-    path = Path(mstream_mlx.__file__).parent / "assets" / "default_model"
+    path = Path(__file__).parent / "assets" / "default_model"
     if not path.exists():
         raise ValueError(
             f"No --model given and no bundled default model at {path}; pass --model "

@@ -20,6 +20,7 @@ import pytest
 from typer.testing import CliRunner
 
 import mstream_mlx
+import mstream_mlx.utils
 from mstream_mlx.chat import ChatEngine, ChatOptions, Transcript, run_plain
 from mstream_mlx.chat.engine import Ended, Failed, ModelInfo, Ready, Started, Stepped
 from mstream_mlx.cli.main import app
@@ -214,7 +215,7 @@ def test_transcript_log_and_atomic_save(tmp_path):
 
 # ---------------------------------------------------------------- the CLI
 def test_no_default_model_is_one_line_error(monkeypatch, tmp_path):
-    monkeypatch.setattr(mstream_mlx, "__file__", str(tmp_path / "pkg" / "__init__.py"))
+    monkeypatch.setattr(mstream_mlx.utils, "__file__", str(tmp_path / "pkg" / "utils.py"))
     r = CliRunner().invoke(app, ["chat", "--plain"], input="hi\n")
     assert r.exit_code == 1
     lines = r.output.strip().splitlines()

@@ -896,9 +896,9 @@ def test_cli_errors_are_one_line(rows10, args, msg):
 
 
 def test_cli_without_model_names_the_default_path(monkeypatch, tmp_path):
-    import mstream_mlx
+    import mstream_mlx.utils
 
-    monkeypatch.setattr(mstream_mlx, "__file__", str(tmp_path / "__init__.py"))
+    monkeypatch.setattr(mstream_mlx.utils, "__file__", str(tmp_path / "utils.py"))
     res = CliRunner().invoke(app, ["generate", "-p", "hi"])
     assert res.exit_code == 1 and "default model" in res.stderr
     assert str(tmp_path / "assets" / "default_model") in " ".join(res.stderr.split())

@@ -40,6 +40,7 @@ from .. import BlocksOptions, RowsOptions, Session
 from ..prefill import prefill
 from ..session import generation_stream
 from ..step import step
+from .run import Run
 from ..streams import Flat, blocks_spec, rows_spec, rows_to_flat
 
 QWEN3 = {
@@ -236,30 +237,6 @@ def weight_bytes(model) -> int:
 
 
 # ---------------------------------------------------------------- timings
-@dataclass
-class Run:
-    """One timed generation: prefill (to the first token) and decode."""
-
-    prompt_tokens: int
-    ttft: float  # seconds to the first sampled token (prefill included)
-    timesteps: int  # decode timesteps after the first token
-    tokens: int  # tokens sampled in those timesteps
-    decode_time: float
-    peak_memory: float  # GB
-
-    @property
-    def prefill_tps(self) -> float:
-        return self.prompt_tokens / self.ttft if self.ttft else 0.0
-
-    @property
-    def timesteps_per_sec(self) -> float:
-        return self.timesteps / self.decode_time
-
-    @property
-    def tokens_per_sec(self) -> float:
-        return self.tokens / self.decode_time
-
-
 def _fresh():
     """Every timed run starts alike: an empty allocator cache, peak memory reset."""
     mx.synchronize()
@@ -340,10 +317,7 @@ def run_rows_session(
         session = Session(model, tokenizer, rows=options, max_steps=rows, interactive=False)
         _fresh()
         start = time.perf_counter()
-        times, last = [], None
-        for event in session:
-            times.append(time.perf_counter())
-            last = event
+        times = _clock(session)
     finally:
         model.args.multistream = blocks
     steps = len(times) - 1

@@ -17,7 +17,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .decode import Run
+from .run import Run
 
 
 class _Clocked:
