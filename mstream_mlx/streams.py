@@ -15,6 +15,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import mlx.core as mx
 import numpy as np
 
+from .vocab import first_outside
+
 ROWS = "rows"
 BLOCKS = "blocks"
 LAYOUTS = (ROWS, BLOCKS)
@@ -129,17 +131,11 @@ class StreamSpec:
 def check_channels(channels, num_channels: int, names: Sequence[str] = ()) -> None:
     """One ``ValueError`` naming the first channel id outside ``0 .. num_channels - 1``
     (MLX does not bounds-check the channel-table lookup: it reads garbage)."""
-    a = np.asarray(channels)
-    if a.size == 0:
-        return
-    if a.dtype == np.bool_ or not np.issubdtype(a.dtype, np.integer):
-        raise ValueError(f"Channels must be integers, got {a.dtype} values.")
-    bad = a[(a < 0) | (a >= num_channels)]
-    if bad.size:
+    bad = first_outside(channels, num_channels, "Channel")
+    if bad is not None:
         which = f" ({', '.join(names)})" if names else ""
         raise ValueError(
-            f"Channel {int(bad.flat[0])} is out of range; the model has "
-            f"{num_channels} channels{which}."
+            f"Channel {bad} is out of range; the model has {num_channels} channels{which}."
         )
 
 

@@ -46,6 +46,21 @@ def check_tokenizer_fits(tokenizer, vocab_size: int, where: Optional[str] = None
         )
 
 
+def first_outside(values, n: int, what: str) -> Optional[int]:
+    """The first of ``values`` (any nesting of ints, or an array) outside ``0 .. n - 1``,
+    or ``None``; one ``ValueError`` when they are not integers.  The one home of the
+    host-side range check for token ids and channels."""
+    import numpy as np
+
+    a = np.asarray(values)
+    if a.size == 0:
+        return None
+    if a.dtype == np.bool_ or not np.issubdtype(a.dtype, np.integer):
+        raise ValueError(f"{what}s must be integers, got {a.dtype} values.")
+    bad = a[(a < 0) | (a >= n)]
+    return int(bad.flat[0]) if bad.size else None
+
+
 def check_ids(ids, vocab_size: int, what: str = "Token id") -> None:
     """Raise one ``ValueError`` when any of ``ids`` (any nesting of ints, or an
     array) is not an integer in ``0 .. vocab_size - 1``.
@@ -53,15 +68,6 @@ def check_ids(ids, vocab_size: int, what: str = "Token id") -> None:
     ``what`` starts the message (``"A prefill row's token id"`` ...); the message
     names the first offending id and the vocabulary's range.
     """
-    import numpy as np
-
-    a = np.asarray(ids)
-    if a.size == 0:
-        return
-    if a.dtype == np.bool_ or not np.issubdtype(a.dtype, np.integer):
-        raise ValueError(f"{what}s must be integers, got {a.dtype} values.")
-    bad = a[(a < 0) | (a >= vocab_size)]
-    if bad.size:
-        raise ValueError(
-            f"{what} {int(bad.flat[0])} is outside the vocabulary (0..{vocab_size - 1})."
-        )
+    bad = first_outside(ids, vocab_size, what)
+    if bad is not None:
+        raise ValueError(f"{what} {bad} is outside the vocabulary (0..{vocab_size - 1}).")
