@@ -1,17 +1,27 @@
 # Copyright © 2026 mstream-mlx contributors.
 """Block-causal attention pieces: RoPE at per-token positions and the SDPA call.
 
-``mx.fast.rope`` takes one offset per batch element, not one per token, but a
-multi-stream token's position is its timestep ``y``.  We gather cos/sin by position
-instead (measured 2x faster than ``fast.rope`` on CPU, and bit-for-bit the HF
-formula).
+A multi-stream token's position is its own timestep ``y``, not its index in the
+sequence.  Two ways to rotate at such positions (docs/benchmarks.md has the numbers):
+
+* on a GPU, ``mx.fast.rope``'s fused kernel with every token as its own batch element:
+  ``fast.rope`` takes one offset per batch element, and a ``[B, L, H, D]`` tensor is
+  ``[B*L, H, 1, D]`` without a copy, so the offsets are simply the ``y`` of the tokens
+  (:class:`FusedRotation`);
+* on the CPU, where ``fast.rope`` has no kernel and runs op by op (measured 2x slower),
+  cos/sin gathered at ``y`` once per forward and shared by every layer
+  (:class:`TableRotation`), bit-for-bit the HF formula.
 """
 
+from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
 import mlx.core as mx
 from mlx_lm.models.base import scaled_dot_product_attention
 from mlx_lm.models.rope_utils import Llama3RoPE
+
+from . import row_attention
+from .mask import Mask, RowMask
 
 SMALL_QUERY = 16
 """Most new tokens (a decode row: one per stream) that :func:`stream_attention` sends
@@ -34,6 +44,8 @@ class StreamRoPE:
         kind = rope_type(scaling)
         self.dims = dims
         self.scale = 1.0
+        self.base: Optional[float] = base
+        self.freqs: Optional[mx.array] = None  # fast.rope's form of llama3's frequencies
         if kind == "default":
             self.inv_freq = base ** (-mx.arange(0, dims, 2, dtype=mx.float32) / dims)
         elif kind == "linear":
@@ -41,20 +53,76 @@ class StreamRoPE:
             self.inv_freq = base ** (-mx.arange(0, dims, 2, dtype=mx.float32) / dims)
         elif kind == "llama3":
             # mlx-lm keeps wavelengths / 2 pi ("freqs" of mx.fast.rope): invert them
-            freqs = Llama3RoPE(dims, base=base, scaling_config=scaling)._freqs
-            self.inv_freq = 1.0 / freqs.astype(mx.float32)
+            self.freqs = Llama3RoPE(dims, base=base, scaling_config=scaling)._freqs
+            self.base = None
+            self.inv_freq = 1.0 / self.freqs.astype(mx.float32)
         else:
             raise ValueError(f"RoPE scaling {kind!r} is not supported by mstream-mlx.")
-        # Not a parameter, so load() does not evaluate it; a lazy array belongs to the
+        # Not parameters, so load() does not evaluate them; a lazy array belongs to the
         # thread that built it and could not be evaluated by a worker thread stepping
         # a Session.
-        mx.eval(self.inv_freq)
+        mx.eval(self.inv_freq, self.freqs)
 
     def tables(self, positions: mx.array) -> Tuple[mx.array, mx.array]:
         """cos, sin of shape ``[B, 1, L, dims/2]`` (fp32) for ``positions`` ``[B, L]``."""
         ang = (positions.astype(mx.float32) * self.scale)[..., None] * self.inv_freq
         ang = ang[:, None]  # (B, 1, L, dims/2): broadcast over heads
         return mx.cos(ang), mx.sin(ang)
+
+    def at(
+        self,
+        positions: mx.array,
+        dtype,
+        fused: Optional[bool] = None,
+        y: Optional[int] = None,
+    ):
+        """The rotation of one forward's tokens at ``positions`` ``[B, L]``: a callable
+        taking ``[B, L, H, D]`` and giving ``[B, H, L, D]``, shared by every layer.
+
+        ``fused`` (default: on a GPU) picks ``mx.fast.rope``'s kernel over the
+        gathered tables; both are the same rotation (tests/test_rope.py).  ``y``: the
+        one timestep of every token, when the caller knows it on the host (a decode
+        row); the kernel then takes it as a plain offset, as mlx-lm's decode does.
+        """
+        if fused is None:
+            fused = _on_gpu()
+        if fused:
+            offsets = positions.reshape(-1).astype(mx.int32) if y is None else y
+            return FusedRotation(self, offsets)
+        return TableRotation(*rope_pairs(*self.tables(positions), dtype))
+
+
+@dataclass
+class TableRotation:
+    """RoPE by cos/sin tables gathered at each token's ``y`` (see the module doc)."""
+
+    c: mx.array
+    s: mx.array
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return apply_rope_pairs(x.transpose(0, 2, 1, 3), self.c, self.s)
+
+
+@dataclass
+class FusedRotation:
+    """RoPE by ``mx.fast.rope``, each token its own batch element at offset ``y``."""
+
+    rope: StreamRoPE
+    offsets: Union[int, mx.array]  # [B * L] int32: each token's y (or their one y)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        B, L, H, D = x.shape
+        r = self.rope
+        out = mx.fast.rope(
+            x.reshape(B * L, H, 1, D),
+            r.dims,
+            traditional=False,
+            base=r.base,
+            scale=r.scale,
+            offset=self.offsets,
+            freqs=r.freqs,
+        )
+        return out.reshape(B, L, H, D).transpose(0, 2, 1, 3)
 
 
 def rope_type(scaling: Optional[dict]) -> str:
@@ -110,25 +178,56 @@ def masked_attention(q, k, v, scale: float, mask: mx.array) -> mx.array:
     return (probs @ v).reshape(B, H, L, D)
 
 
+def _on_gpu() -> bool:
+    return mx.default_device() == mx.gpu
+
+
 def _on_cuda() -> bool:
-    return mx.default_device() == mx.gpu and mx.cuda.is_available()
+    return _on_gpu() and mx.cuda.is_available()
 
 
-def stream_attention(
-    q, k, v, cache, scale: float, mask: Union[None, str, mx.array]
-) -> mx.array:
-    """SDPA for the stream rule's masks (``None``, ``"causal"`` or a boolean array).
+def kernel_mask(mask: Mask, dtype) -> Mask:
+    """``mask`` in the form the attention kernel takes best, built once per forward.
 
-    A decode row of several streams carries an array mask.  MLX's CUDA backend sends
-    such a call to cuDNN, which builds one graph per key length: a new graph every
-    step (measured 13-15 steps/s for 3 or 10 streams on an H100, 0.6B).  There, few
-    queries go through :func:`masked_attention` instead; elsewhere (CPU, Metal, whose
-    fused kernels take masks) through ``mx.fast.scaled_dot_product_attention``.  A
-    quantized cache (``cache.bits``) goes through mlx-lm's quantized SDPA.  (Fused SDPA
-    over the whole padded KV buffer, one graph per 256 keys, measured no faster on an
-    H200: docs/benchmarks.md.)
+    MLX's CUDA backend hands an array mask to cuDNN as an additive bias; given a
+    boolean mask, ``mx.fast.scaled_dot_product_attention`` first broadcasts it to
+    ``[B, heads, L, S]`` and writes that whole additive copy, in every layer (a
+    10-stream rows prompt at 8k tokens held 29 GB of them at the 8B shape).  An
+    additive mask ``[B, 1, L, S]`` in the model's dtype is passed through as a
+    broadcast view.  Few queries (a decode row) keep the boolean mask: they go through
+    :func:`masked_attention`.  Elsewhere (CPU, Metal) the boolean mask is best.
+    """
+    if (
+        isinstance(mask, mx.array)
+        and mask.dtype == mx.bool_
+        and mask.shape[-2] > SMALL_QUERY
+        and _on_cuda()
+    ):
+        return mx.where(mask, mx.array(0, dtype), mx.array(-mx.inf, dtype))
+    return mask
+
+
+def stream_attention(q, k, v, cache, scale: float, mask: Mask) -> mx.array:
+    """SDPA for the stream rule's masks (``None``, ``"causal"``, a boolean array or a
+    decode row's :class:`~mstream_mlx.mask.RowMask`).
+
+    A decode row of several streams carries a mask.  MLX's CUDA backend sends an
+    array mask to cuDNN, which builds one graph per key length: a new graph every
+    step (measured 13-15 steps/s for 3 or 10 streams on an H100, 0.6B).  There, a
+    decode row runs our one-kernel :func:`~mstream_mlx.row_attention.row_attention`,
+    and other masks with few queries :func:`masked_attention`; elsewhere (CPU, Metal,
+    whose fused kernels take masks) everything goes through
+    ``mx.fast.scaled_dot_product_attention``.  A quantized cache (``cache.bits``)
+    goes through mlx-lm's quantized SDPA.  (Fused SDPA over the whole padded KV
+    buffer, one graph per 256 keys, measured no faster on an H200:
+    docs/benchmarks.md.)
     """
     quantized = hasattr(cache, "bits")
-    if isinstance(mask, mx.array) and q.shape[2] <= SMALL_QUERY and _on_cuda() and not quantized:
+    cuda = _on_cuda() and not quantized
+    if isinstance(mask, RowMask):
+        if cuda and row_attention.fits(q, k):
+            return row_attention.row_attention(q, k, v, scale)
+        mask = mask.array
+    if isinstance(mask, mx.array) and q.shape[2] <= SMALL_QUERY and cuda:
         return masked_attention(q, k, v, scale, mask)
     return scaled_dot_product_attention(q, k, v, cache, scale=scale, mask=mask)

@@ -10,7 +10,7 @@ timesteps by moving the newest keys into their slots (:func:`evict_timesteps`).
 """
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Union
 
 import mlx.core as mx
 import numpy as np
@@ -22,35 +22,35 @@ class StreamKVCache(lm_cache.KVCache):
     """``KVCache`` that also stores each key's timestep.
 
     The model calls :meth:`push_positions` once per forward (before the layers run
-    ``update_and_fetch``), so ``ys[:, :offset]`` always lines up with the keys.
+    ``update_and_fetch``), so ``host_ys[:, :offset]`` always lines up with the keys.
+    The ``y`` live on the host only: the mask's shortcuts read them there, and the
+    general mask builds its device copy when it needs one, so a decode step adds no
+    device work and no extra evaluation for them (docs/benchmarks.md).
     """
 
-    host_ys: Optional[np.ndarray] = None  # host copy of ys[:, :offset]
     keep: Optional[int] = None  # leading keys (the prompt) a timestep window keeps
 
     def __init__(self):
         super().__init__()
-        self.ys = None
-        self.max_y: Optional[np.ndarray] = None  # host copy, per batch row
+        self.host_ys: Optional[np.ndarray] = None  # [B, offset] int32
+        self.max_y: Optional[np.ndarray] = None  # newest y per batch row
 
-    def push_positions(self, positions: mx.array):
-        B, L = positions.shape
+    def push_positions(self, positions: Union[mx.array, np.ndarray]):
+        host = np.array(positions, dtype=np.int32)
         prev = self.offset
-        if self.ys is None or prev + L > self.ys.shape[1]:
-            n = ((prev + L + self.step - 1) // self.step) * self.step
-            grown = mx.zeros((B, n), dtype=mx.int32)
-            if self.ys is not None:
-                grown[:, :prev] = self.ys[:, :prev]
-            self.ys = grown
-        self.ys[:, prev : prev + L] = positions.astype(mx.int32)
-        host = np.array(positions).astype(np.int32)
         top = host.max(axis=1)
         self.max_y = top if self.max_y is None or prev == 0 else np.maximum(self.max_y, top)
         old = None if self.host_ys is None else self.host_ys[:, :prev]
+        # a new array every step: layers share it (push_positions below)
         self.host_ys = host if old is None or prev == 0 else np.concatenate([old, host], 1)
 
+    @property
+    def ys(self) -> Optional[mx.array]:
+        """The ``y`` of the cached keys ``[B, offset]`` on the device."""
+        return None if self.host_ys is None else mx.array(self.host_ys[:, : self.offset])
+
     def key_ys(self) -> mx.array:
-        return self.ys[:, : self.offset]
+        return self.ys
 
     @property
     def state(self):
@@ -58,14 +58,16 @@ class StreamKVCache(lm_cache.KVCache):
 
     @state.setter
     def state(self, v):
-        self.keys, self.values, self.ys, self.offset = v
+        keys, values, ys, offset = v
+        self.keys, self.values, self.offset = keys, values, offset
+        self.host_ys = None if ys is None else np.array(ys[:, :offset], dtype=np.int32)
         self._refresh_max_y()
 
     def _refresh_max_y(self):
-        if self.ys is None or self.offset == 0:
+        if self.host_ys is None or self.offset == 0:
             self.max_y = self.host_ys = None
         else:
-            self.host_ys = np.array(self.ys[:, : self.offset])
+            self.host_ys = self.host_ys[:, : self.offset]
             self.max_y = self.host_ys.max(axis=1)
 
     def trim(self, n: int) -> int:
@@ -82,12 +84,13 @@ class StreamKVCache(lm_cache.KVCache):
             n = self.offset
             q.keys = mx.quantize(self.keys[..., :n, :], group_size=group_size, bits=bits)
             q.values = mx.quantize(self.values[..., :n, :], group_size=group_size, bits=bits)
-            q.ys, q.max_y, q.host_ys = self.ys, self.max_y, self.host_ys
+            q.max_y, q.host_ys = self.max_y, self.host_ys
         return q
 
     @property
     def nbytes(self) -> int:
-        return 0 if self.keys is None else super().nbytes + self.ys.nbytes
+        """Bytes of keys and values on the device plus the ``y`` on the host."""
+        return 0 if self.keys is None else super().nbytes + self.host_ys.nbytes
 
     def move_keys(self, src: mx.array, dst: mx.array, n: int):
         """Copy the keys at ``src`` into the slots ``dst`` and drop the last ``n``."""
@@ -117,9 +120,9 @@ class QuantizedStreamKVCache(StreamKVCache):
 
     @state.setter
     def state(self, v):
-        self.keys, self.values, self.ys, self.offset, self.group_size, self.bits = v
+        *kv, self.group_size, self.bits = v
+        StreamKVCache.state.fset(self, kv)
         self.keep = None
-        self._refresh_max_y()
 
     def to_quantized(self, group_size: int = 64, bits: int = 4):
         return self
@@ -128,24 +131,20 @@ class QuantizedStreamKVCache(StreamKVCache):
     def nbytes(self) -> int:
         if self.keys is None:
             return 0
-        return sum(a.nbytes for a in (*self.keys, *self.values)) + self.ys.nbytes
+        return sum(a.nbytes for a in (*self.keys, *self.values)) + self.host_ys.nbytes
 
     def _stored(self) -> List[mx.array]:
         return [*self.keys, *self.values]
 
 
-def push_positions(caches: List[StreamKVCache], positions: mx.array):
+def push_positions(caches: List[StreamKVCache], positions: Union[mx.array, np.ndarray]):
     """Record the new tokens' ``y`` in every layer's cache, computed once: layers at
-    the same offset share one ``ys`` array (each layer pushing its own cost two ops
-    and a host copy per layer per step)."""
+    the same offset share one host array."""
     first = caches[0]
     first.push_positions(positions)
-    # Nothing else evaluates ys while the mask's shortcuts skip it: unevaluated, each
-    # step's update would chain onto the last and hold its inputs forever.
-    mx.async_eval(first.ys)
     for c in caches[1:]:
         if c.offset == first.offset:
-            c.ys, c.max_y, c.host_ys = first.ys, first.max_y, first.host_ys
+            c.max_y, c.host_ys = first.max_y, first.host_ys
         else:
             c.push_positions(positions)
 
@@ -179,12 +178,9 @@ def evict_timesteps(caches: List[StreamKVCache], first_y: int) -> int:
     host[:, dst] = host[:, src]
     host = host[:, : n_keys - n]
     dst_a, src_a = mx.array(dst, dtype=mx.int32), mx.array(src, dtype=mx.int32)
-    ys = first.ys
-    if len(dst):
-        ys[:, dst_a] = ys[:, src_a]
     for c in caches:
         c.move_keys(src_a, dst_a, n)
-        c.ys, c.host_ys, c.max_y = ys, host, host.max(axis=1)
+        c.host_ys, c.max_y = host, host.max(axis=1)
     return n
 
 

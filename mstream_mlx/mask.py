@@ -12,14 +12,35 @@ and, for the general case, ``key_ys()`` (the ``y`` of every cached key), as
 :class:`~mstream_mlx.deltanet.DeltaNetCache` provide.
 """
 
-from typing import Union
+from dataclasses import dataclass, field
+from typing import Optional, Union
 
 import mlx.core as mx
 import numpy as np
 
-Mask = Union[None, str, mx.array]
-"""What attention takes: ``None`` (see everything), ``"causal"`` or a boolean array
-``[B|1, 1, L, S]`` (True = attend)."""
+
+@dataclass
+class RowMask:
+    """The rule for one decode row: ``L`` new tokens at one timestep, batch 1, over a
+    cache whose ``offset`` keys are all older.  Each token sees every cached key and
+    itself, no peer.  Attention may run a kernel made for exactly this
+    (``row_attention.py``); :attr:`array` is the boolean form, built on first use and
+    shared by the layers that need it."""
+
+    positions: mx.array
+    offset: int
+    _array: Optional[mx.array] = field(default=None, repr=False)
+
+    @property
+    def array(self) -> mx.array:
+        if self._array is None:
+            self._array = peer_mask(self.positions, self.offset)
+        return self._array
+
+
+Mask = Union[None, str, mx.array, RowMask]
+"""What attention takes: ``None`` (see everything), ``"causal"``, a boolean array
+``[B|1, 1, L, S]`` (True = attend) or a :class:`RowMask`."""
 
 
 def stream_mask(q_ys: mx.array, k_ys: mx.array, offset: int = 0) -> mx.array:
@@ -58,8 +79,9 @@ def attention_mask(positions: mx.array, cache) -> Mask:
     With a cache whose keys are all older than every new token: ``None`` for one new
     token per row (a decode step of one stream sees everything), ``"causal"`` when the
     new ``y`` strictly increase along each row (a single-stream prompt: the rule *is*
-    the causal mask, and fused kernels take it without a mask array).  Otherwise the
-    boolean array of :func:`make_mask`.  Without a cache (training, under
+    the causal mask, and fused kernels take it without a mask array), a
+    :class:`RowMask` for several tokens at one ``y`` (a decode row of N streams).
+    Otherwise the boolean array of :func:`make_mask`.  Without a cache (training, under
     ``mx.compile``) the positions cannot be read: always the array.
     """
     if cache is None:
@@ -70,6 +92,8 @@ def attention_mask(positions: mx.array, cache) -> Mask:
             return None
         if (np.diff(pos, axis=1) > 0).all():
             return "causal"
+        if pos.shape[0] == 1 and (pos == pos[0, 0]).all():
+            return RowMask(positions, cache.offset)
     return make_mask(positions, cache)
 
 

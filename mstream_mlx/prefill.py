@@ -17,10 +17,11 @@ from .streams import Flat, timestep_order
 DEFAULT_PREFILL_STEP = 2048
 SCORES_BUDGET = 1 << 28
 """Bytes of fp32 attention scores (chunk x context x heads) one chunk of a multi-stream
-prompt may materialise where the fused attention kernel cannot take the stream mask
-(the CPU, and MLX's CUDA backend, which sends a boolean mask to its unfused path).
-Metal's fused kernel takes the mask, so there chunks stay at ``step``.  The
-measurements behind the number: docs/benchmarks.md."""
+prompt may materialise where attention runs unfused (the CPU, and a quantized cache,
+which goes through mlx-lm's quantized matmuls).  On a GPU the fused kernel takes the
+stream mask (Metal a boolean one; CUDA's cuDNN the additive form of
+``attention.kernel_mask``), so there chunks stay at ``step``.  The measurements
+behind the number: docs/benchmarks.md."""
 MIN_CHUNK = 256
 
 
@@ -73,8 +74,9 @@ def prefill(
 def _unfused_chunk(model, flat: Flat, cache: List[Any]) -> int:
     """The largest chunk whose masked scores fit :data:`SCORES_BUDGET` where attention
     runs unfused; no limit for a single-stream prompt (its mask is ``"causal"``) or on
-    Metal."""
-    if mx.default_device() == mx.gpu and mx.metal.is_available():
+    a GPU with a full-precision cache."""
+    quantized = any(hasattr(c, "bits") for c in cache)
+    if mx.default_device() == mx.gpu and not quantized:
         return len(flat)
     if len(np.unique(flat.positions)) == len(flat):  # one token per timestep
         return len(flat)

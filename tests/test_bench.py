@@ -106,6 +106,25 @@ def test_ratios_come_from_the_measured_runs(report):
     assert n1["met"] == (n1["ratio"] >= 0.95)
     many = report["targets"]["session_ge_1.0x_mlx_lm_batch"]
     assert many["ratio"] == {3: report["streams"][1]["timesteps_vs_mlx_lm_batch"]}
+    bw = report["targets"]["weight_bandwidth"]
+    assert bw["gb_per_s"][3] == pytest.approx(
+        report["weights_gb"] * report["streams"][1]["session"]["timesteps_per_s"]
+    )
+
+
+def test_paper_anchor_and_bandwidth_fraction(report):
+    """The rows target is checked against the paper's loop for the named shapes, and
+    the bandwidth fraction is given for a GPU whose peak we know."""
+    named = {**report, "name": "random qwen3-8b", "device": "NVIDIA H200 (MLX CUDA)"}
+    t = bench.targets(named)
+    rows = report["rows_decode"]["session"]["timesteps_per_s"]
+    assert t["rows_ge_10x_paper_loop"] == {
+        "rows_per_s": rows, "anchor_h200": 8.4, "met": rows >= 84
+    }
+    frac = t["weight_bandwidth"]["fraction"]
+    assert frac[1] == pytest.approx(t["weight_bandwidth"]["gb_per_s"][1] / 4800)
+    assert "of the device's 4.8 TB/s" in bench.format_tables({**named, "targets": t})
+    assert bench.targets(report)["weight_bandwidth"]["fraction"] is None  # CPU
 
 
 def test_tables_render(report):

@@ -679,6 +679,15 @@ def measure(
 # The paper's own rows decode loop (its §7 generate: PyTorch, bf16, C = 10, greedy) on one
 # NVIDIA H200, random weights (issue 15's measurement): the anchor of the rows target.
 PAPER_LOOP_ROWS_PER_S = {"qwen3-0.6b": 11.5, "qwen3-8b": 8.4}
+# Peak memory bandwidth (TB/s) of the GPUs we measured on, by a word of their name:
+# a decode step reads every weight once, so weights x steps/s over this is how close
+# a step comes to the bandwidth limit.
+PEAK_BANDWIDTH_TB_S = {"H200": 4.8, "H100": 3.35}
+
+
+def peak_bandwidth(device: str) -> Optional[float]:
+    """The peak memory bandwidth (TB/s) of a device named in :data:`PEAK_BANDWIDTH_TB_S`."""
+    return next((tb for word, tb in PEAK_BANDWIDTH_TB_S.items() if word in device), None)
 
 
 def targets(report: dict) -> Dict[str, dict]:
@@ -702,7 +711,8 @@ def targets(report: dict) -> Dict[str, dict]:
     if rows:
         r = rows["timesteps_vs_mlx_lm_batch"]
         out["rows_ge_1.0x_mlx_lm_batch"] = {"ratio": r, "met": r is not None and r >= 1.0}
-        paper = PAPER_LOOP_ROWS_PER_S.get(report["name"])
+        shape = report["name"].removeprefix("random ")  # the CLI's name for a shape
+        paper = PAPER_LOOP_ROWS_PER_S.get(shape)
         if paper:
             got = rows["session"]["timesteps_per_s"]
             out["rows_ge_10x_paper_loop"] = {
@@ -720,10 +730,16 @@ def targets(report: dict) -> Dict[str, dict]:
             "met": act["ours_rows"] <= 1.2 * act["mlx_lm"] + 0.05 and e["rows_ratio"] >= 0.9,
         }
     # weights read per decode step: how close each N comes to the bandwidth limit
-    out["weight_gb_per_s"] = {
-        "value": {
-            n: report["weights_gb"] * e["session"]["timesteps_per_s"] for n, e in by_n.items()
-        }
+    rates = {"mlx-lm": report["baseline"]["timesteps_per_s"]}
+    rates.update({n: e["session"]["timesteps_per_s"] for n, e in by_n.items()})
+    if rows:
+        rates["rows"] = rows["session"]["timesteps_per_s"]
+    gb_s = {k: report["weights_gb"] * r for k, r in rates.items()}
+    peak = peak_bandwidth(report["device"])
+    out["weight_bandwidth"] = {
+        "gb_per_s": gb_s,
+        "peak_tb_s": peak,
+        "fraction": None if peak is None else {k: v / (1e3 * peak) for k, v in gb_s.items()},
     }
     return out
 
@@ -791,6 +807,18 @@ def format_tables(report: dict) -> str:
             f"{_f(e['ours_rows']['peak_memory_gb'], '.2f')} / "
             f"{_f(e['mlx_lm']['peak_memory_gb'], '.2f')} |"
         )
+    bw = report["targets"].get("weight_bandwidth")
+    if bw and bw["fraction"]:
+        lines += [
+            "",
+            f"Weights read per second, as a fraction of the device's "
+            f"{bw['peak_tb_s']} TB/s: "
+            + ", ".join(
+                f"{'N = ' if isinstance(k, int) else ''}{k} {v:.0%}"
+                for k, v in bw["fraction"].items()
+            )
+            + ".",
+        ]
     lines += ["", "| target | met | measured |", "|---|---|---|"]
     for key, t in report["targets"].items():
         if "met" in t:

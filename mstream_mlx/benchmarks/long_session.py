@@ -49,13 +49,13 @@ def kv_bytes(streams: int = 10, timesteps: int = 128, group_size: int = 64) -> D
     the same keys quantized to 8 and 4 bits.  ``timesteps * streams`` is a multiple of
     the caches' 256-key allocation step, so no allocated slot is empty."""
     caches = filled_caches(**EIGHT_B, streams=streams, timesteps=timesteps)
-    ys_bytes = caches[0].ys.nbytes  # one y array shared by all layers
-    full = sum(c.nbytes - c.ys.nbytes for c in caches) + ys_bytes
+    ys_bytes = caches[0].host_ys.nbytes  # one y array shared by all layers
+    full = sum(c.nbytes - c.host_ys.nbytes for c in caches) + ys_bytes
     out = {"streams": streams, "shape": EIGHT_B, "bfloat16": full / timesteps}
     for bits in (8, 4):
         q = [c.to_quantized(group_size=group_size, bits=bits) for c in caches]
         mx.eval([c.state for c in q])
-        out[f"{bits}-bit"] = (sum(c.nbytes - c.ys.nbytes for c in q) + ys_bytes) / timesteps
+        out[f"{bits}-bit"] = (sum(c.nbytes - c.host_ys.nbytes for c in q) + ys_bytes) / timesteps
     return out
 
 

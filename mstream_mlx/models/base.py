@@ -25,7 +25,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..attention import rope_pairs
+from ..attention import kernel_mask
 from ..cache import StreamKVCache, push_positions
 from ..mask import Mask, attention_mask, make_mask
 from ..streams import BLOCKS, LAYOUTS, ROWS, StreamSpec, check_channels
@@ -105,7 +105,7 @@ def stream_inputs(
     mask: Mask = None,
     *,
     mask_cache: Optional[int] = 0,
-) -> Tuple[mx.array, Tuple[mx.array, mx.array], Mask, List[Any]]:
+) -> Tuple[mx.array, Callable[[mx.array], mx.array], Mask, List[Any]]:
     """The multi-stream preamble of a forward, shared by every family.
 
     Args:
@@ -117,31 +117,38 @@ def stream_inputs(
             its keys line up with the mask); None when no layer attends.
 
     Returns:
-        ``(h, rope, mask, cache)``: the embedded inputs, the RoPE operands at each
-        token's ``y`` (for :func:`~mstream_mlx.attention.apply_rope_pairs`), the mask
-        and one cache entry per layer (Nones without a cache).  The new tokens' ``y``
-        are recorded in the caches, after the mask was read from them.
+        ``(h, rope, mask, cache)``: the embedded inputs, the rotation at each token's
+        ``y`` (``rope(x)`` turns ``[B, L, H, D]`` into rotated ``[B, H, L, D]``), the
+        mask in the form the attention kernel takes best and one cache entry per
+        layer (Nones without a cache).  The new tokens' ``y`` are recorded in the
+        caches, after the mask was read from them.
     """
+    host = None  # the positions on the host, where they can be read
     if isinstance(positions, np.ndarray):
         # host positions: the mask shortcuts read them without waiting for the device
         # (a lazy mx array here would stall the pipeline; docs/benchmarks.md)
-        positions = mx.array(positions, dtype=mx.int32)
+        host = positions.astype(np.int32)
+        positions = mx.array(host)
+    elif cache is not None:
+        host = np.array(positions)  # evaluated, by the contract above
     # paper §3: the channel embedding is added once, before layer 0
     h = backbone.embed_tokens(inputs) + backbone.channel_embedding(channels)
-    # cos/sin gathered by y, cast and paired once for all layers
-    rope = rope_pairs(*backbone.rope.tables(positions), h.dtype)
+    # a decode row (every token at one y) rotates with a plain integer offset
+    one_y = host is not None and host.size > 0 and bool((host == host.flat[0]).all())
+    rope = backbone.rope.at(positions, h.dtype, y=int(host.flat[0]) if one_y else None)
     if cache is None:
         if mask is None and mask_cache is not None:
             mask = make_mask(positions)
-        return h, rope, mask, [None] * len(backbone.layers)
+        return h, rope, kernel_mask(mask, h.dtype), [None] * len(backbone.layers)
     if mask is None and mask_cache is not None:
         mask = attention_mask(positions, cache[mask_cache])
+    mask = kernel_mask(mask, h.dtype)
     kv = [c for c in cache if isinstance(c, StreamKVCache)]
     if kv:
-        push_positions(kv, positions)  # one shared ys array for same-offset layers
+        push_positions(kv, host)  # one shared ys array for same-offset layers
     for c in cache:
         if not isinstance(c, StreamKVCache):
-            c.push_positions(positions)
+            c.push_positions(host)
     return h, rope, mask, cache
 
 

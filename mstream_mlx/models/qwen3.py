@@ -11,7 +11,7 @@ from mlx.nn.layers.distributed import shard_linear
 from mlx_lm.models.base import BaseModelArgs
 from mlx_lm.models.qwen3 import MLP
 
-from ..attention import StreamRoPE, apply_rope_pairs, stream_attention
+from ..attention import StreamRoPE, stream_attention
 from ..streams import BLOCKS, ROWS
 from .base import Family, StreamModel, stream_inputs
 
@@ -90,8 +90,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1)
         if "q_norm" in self:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope_pairs(q.transpose(0, 2, 1, 3), *rope)  # (B, H, L, D)
-        k = apply_rope_pairs(k.transpose(0, 2, 1, 3), *rope)  # (B, Hkv, L, D)
+        q, k = rope(q), rope(k)  # (B, H | Hkv, L, D)
         v = v.transpose(0, 2, 1, 3)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)

@@ -19,7 +19,7 @@ from mlx_lm.models.gated_delta import compute_g, normalize_qk
 from mlx_lm.models.qwen3_next import Qwen3NextMLP as MLP
 from mlx_lm.models.qwen3_next import Qwen3NextSparseMoeBlock as SparseMoeBlock
 
-from ..attention import StreamRoPE, apply_rope_pairs, stream_attention
+from ..attention import StreamRoPE, stream_attention
 from ..cache import StreamKVCache
 from ..deltanet import (
     BLOCK_CAUSAL,
@@ -234,8 +234,7 @@ class Attention(nn.Module):
         q, gate = mx.split(self.q_proj(x).reshape(B, L, self.n_heads, -1), 2, axis=-1)
         k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)
         v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1)
-        q = apply_rope_pairs(self.q_norm(q).transpose(0, 2, 1, 3), *rope)  # (B, H, L, D)
-        k = apply_rope_pairs(self.k_norm(k).transpose(0, 2, 1, 3), *rope)  # (B, Hkv, L, D)
+        q, k = rope(self.q_norm(q)), rope(self.k_norm(k))  # (B, H | Hkv, L, D)
         v = v.transpose(0, 2, 1, 3)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
