@@ -20,6 +20,13 @@ import mlx.core as mx
 
 WARPS = 32  # warps per block
 UNROLL = 4  # keys a warp handles per turn
+MAX_READS = 12_000
+"""Most tokens x keys a call may cover.  Every block reads all keys of its kv head, so
+the kernel's time grows with tokens x keys, while the plain ops' five launches cost
+about the same up to long contexts: on an H200 (36 calls, 32/8 heads, bf16) the
+kernel took 47 and 77 us a call at 4 and 10 tokens over 1,150 keys (plain ops 87 and
+90), 129 and 247 us over 5,000 (plain ops 92 and 81).  Past the crossover (~13k),
+:func:`fits` says no and attention takes the plain ops (docs/benchmarks.md)."""
 
 _SOURCE = """
     // q [1, H, NQ, D] (any strides), k/v [1, Hkv, S, D] (views of the cache
@@ -135,8 +142,8 @@ def _kernel(scale: float):
 
 def fits(q: mx.array, k: mx.array) -> bool:
     """Whether the kernel covers these shapes (batch 1, head_dim a multiple of 32 up
-    to 256, the GQA ratio whole).  Keys and values are a KV cache's buffers, whose
-    features are contiguous."""
+    to 256, the GQA ratio whole) and is the faster way (:data:`MAX_READS`).  Keys and
+    values are a KV cache's buffers, whose features are contiguous."""
     B, H, L, D = q.shape
     return (
         B == 1
@@ -144,6 +151,7 @@ def fits(q: mx.array, k: mx.array) -> bool:
         and D <= 256
         and H % k.shape[1] == 0
         and k.shape[2] >= L
+        and L * k.shape[2] <= MAX_READS
     )
 
 

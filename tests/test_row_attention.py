@@ -40,6 +40,14 @@ def test_a_decode_row_gets_a_row_mask_equal_to_the_rule():
     assert isinstance(attention_mask(mx.array([[1, 1]]), cache), mx.array)
 
 
+def test_long_rows_go_to_the_plain_ops():
+    q = mx.zeros((1, 32, 10, 128))
+    assert row_attention.fits(q, mx.zeros((1, 8, 1100, 128)))
+    assert not row_attention.fits(q, mx.zeros((1, 8, 5000, 128)))  # past MAX_READS
+    assert not row_attention.fits(mx.zeros((2, 32, 10, 128)), mx.zeros((2, 8, 100, 128)))
+    assert not row_attention.fits(mx.zeros((1, 32, 10, 80)), mx.zeros((1, 8, 100, 80)))
+
+
 def qkv(rng, H, Hkv, L, S, D, dtype):
     q = mx.array(rng.normal(size=(1, L, H, D)), dtype=dtype).transpose(0, 2, 1, 3)
     # keys and values as a cache holds them: a view of a longer buffer
@@ -48,7 +56,7 @@ def qkv(rng, H, Hkv, L, S, D, dtype):
 
 
 @cuda
-@pytest.mark.parametrize("H,Hkv,L,S,D", [(32, 8, 10, 1100, 128), (16, 8, 2, 3, 128), (4, 4, 4, 70, 64), (8, 2, 16, 600, 256)])
+@pytest.mark.parametrize("H,Hkv,L,S,D", [(32, 8, 10, 1100, 128), (16, 8, 2, 3, 128), (4, 4, 4, 70, 64), (8, 2, 16, 600, 256), (8, 8, 3, 3900, 64)])
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 @pytest.mark.parametrize("unroll", [1, row_attention.UNROLL, 8])
 def test_kernel_equals_masked_attention(H, Hkv, L, S, D, dtype, unroll):
