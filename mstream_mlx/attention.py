@@ -14,7 +14,7 @@ sequence.  Two ways to rotate at such positions (docs/benchmarks.md has the numb
 """
 
 from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from typing import Optional, Tuple
 
 import mlx.core as mx
 from mlx_lm.models.base import scaled_dot_product_attention
@@ -69,26 +69,17 @@ class StreamRoPE:
         ang = ang[:, None]  # (B, 1, L, dims/2): broadcast over heads
         return mx.cos(ang), mx.sin(ang)
 
-    def at(
-        self,
-        positions: mx.array,
-        dtype,
-        fused: Optional[bool] = None,
-        y: Optional[int] = None,
-    ):
+    def at(self, positions: mx.array, dtype, fused: Optional[bool] = None):
         """The rotation of one forward's tokens at ``positions`` ``[B, L]``: a callable
         taking ``[B, L, H, D]`` and giving ``[B, H, L, D]``, shared by every layer.
 
         ``fused`` (default: on a GPU) picks ``mx.fast.rope``'s kernel over the
-        gathered tables; both are the same rotation (tests/test_rope.py).  ``y``: the
-        one timestep of every token, when the caller knows it on the host (a decode
-        row); the kernel then takes it as a plain offset, as mlx-lm's decode does.
+        gathered tables; both are the same rotation (tests/test_rope.py).
         """
         if fused is None:
             fused = _on_gpu()
         if fused:
-            offsets = positions.reshape(-1).astype(mx.int32) if y is None else y
-            return FusedRotation(self, offsets)
+            return FusedRotation(self, positions.reshape(-1).astype(mx.int32))
         return TableRotation(*rope_pairs(*self.tables(positions), dtype))
 
 
@@ -108,7 +99,7 @@ class FusedRotation:
     """RoPE by ``mx.fast.rope``, each token its own batch element at offset ``y``."""
 
     rope: StreamRoPE
-    offsets: Union[int, mx.array]  # [B * L] int32: each token's y (or their one y)
+    offsets: mx.array  # [B * L] int32: each token's y
 
     def __call__(self, x: mx.array) -> mx.array:
         B, L, H, D = x.shape

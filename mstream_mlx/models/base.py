@@ -133,9 +133,7 @@ def stream_inputs(
         host = np.array(positions)  # evaluated, by the contract above
     # paper §3: the channel embedding is added once, before layer 0
     h = backbone.embed_tokens(inputs) + backbone.channel_embedding(channels)
-    # a decode row (every token at one y) rotates with a plain integer offset
-    one_y = host is not None and host.size > 0 and bool((host == host.flat[0]).all())
-    rope = backbone.rope.at(positions, h.dtype, y=int(host.flat[0]) if one_y else None)
+    rope = backbone.rope.at(positions, h.dtype)  # built once for all layers
     if cache is None:
         if mask is None and mask_cache is not None:
             mask = make_mask(positions)

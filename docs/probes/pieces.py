@@ -1,0 +1,53 @@
+# Copyright © 2026 mstream-mlx contributors.
+"""Where an 8B decode step's time goes: take one piece out at a time, same run.
+
+    python docs/probes/pieces.py
+
+Bare model loop at N = 1 and 10 with attention, the rotation or the LM head replaced by
+a no-op (the numbers are wrong, only the time matters), beside mlx-lm's batch-N loop.
+On a host-bound step, removing work that the GPU hides does not shorten the step.
+"""
+
+import statistics
+
+import mlx.core as mx
+import numpy as np
+
+from mstream_mlx import attention
+from mstream_mlx.benchmarks import decode as bench
+from mstream_mlx.models import qwen3
+
+
+def main():
+    model, _ = bench.random_model("qwen3-8b", mx.bfloat16)
+    lm = bench.mlx_lm_model(model)
+    rng = np.random.default_rng(1)
+    prompt = rng.integers(bench.FIRST_FREE_ID, model.args.vocab_size, 512).tolist()
+    attend, rotate, head = qwen3.stream_attention, attention.StreamRoPE.at, type(model).lm_logits
+
+    def without(piece):
+        qwen3.stream_attention = (lambda q, *a, **k: q) if piece == "attention" else attend
+        attention.StreamRoPE.at = (
+            (lambda self, p, d, fused=None: lambda x: x.transpose(0, 2, 1, 3))
+            if piece == "rotation"
+            else rotate
+        )
+        type(model).lm_logits = (lambda self, h: h[..., :64]) if piece == "head" else head
+
+    for N in (1, 10):
+        res = {}
+        for r in range(4):  # round 0 warms up
+            for piece in ("nothing", "attention", "rotation", "head", "mlx-lm"):
+                if piece == "mlx-lm":
+                    run = bench.run_mlx_lm_batch(lm, prompt, N, 64)
+                else:
+                    without(piece)
+                    run = bench.run_model_loop(model, prompt, N, 64)
+                if r:
+                    res.setdefault(piece, []).append(1e3 / run.timesteps_per_sec)
+        without("nothing")
+        print(f"N={N} ms per step without", {k: round(statistics.median(v), 2) for k, v in res.items()})
+
+
+if __name__ == "__main__":
+    main()
