@@ -124,7 +124,9 @@ def test_paper_anchor_and_bandwidth_fraction(report):
     frac = t["weight_bandwidth"]["fraction"]
     assert frac[1] == pytest.approx(t["weight_bandwidth"]["gb_per_s"][1] / 4800)
     assert "of the device's 4.8 TB/s" in bench.format_tables({**named, "targets": t})
-    assert bench.targets(report)["weight_bandwidth"]["fraction"] is None  # CPU
+    on_cpu = bench.targets({**named, "device": report["device"]})
+    assert on_cpu["weight_bandwidth"]["fraction"] is None
+    assert "rows_ge_10x_paper_loop" not in on_cpu  # an H200 anchor: compared on an H200
 
 
 def test_tables_render(report):

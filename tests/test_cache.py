@@ -119,10 +119,11 @@ def test_deltanet_cache_round_trips_through_mlx_lm(tmp_path):
     assert loaded.max_y.tolist() == [1] and mx.array_equal(loaded[1], c[1])
 
 
-def test_multi_stream_prefill_chunks_fit_the_scores_budget():
-    """Where attention runs unfused (CPU, CUDA), a multi-stream prompt is cut so that
-    chunk x context x heads fp32 scores stay within the budget; a single-stream prompt
-    (its mask is "causal") keeps whole chunks."""
+def test_multi_stream_prefill_chunks_fit_the_scores_budget(monkeypatch):
+    """Where attention runs unfused (the CPU, a quantized cache), a multi-stream prompt
+    is cut so that chunk x context x heads fp32 scores stay within the budget; a
+    single-stream prompt (its mask is "causal") keeps whole chunks, and so does any
+    prompt on a GPU with a full-precision cache (the fused kernel takes the mask)."""
     from types import SimpleNamespace
 
     from mstream_mlx import prefill as P
@@ -135,3 +136,7 @@ def test_multi_stream_prefill_chunks_fit_the_scores_budget():
     assert P._unfused_chunk(model, rows, held) == P.MIN_CHUNK
     single = Flat(np.zeros(8192, np.int32), np.zeros(8192, np.int32), np.arange(8192, dtype=np.int32))
     assert P._unfused_chunk(model, single, [SimpleNamespace(offset=0)]) == 8192
+    monkeypatch.setattr(P.mx, "default_device", lambda: P.mx.gpu)
+    assert P._unfused_chunk(model, rows, held) == len(rows)
+    quantized = [SimpleNamespace(offset=8192, bits=4)]
+    assert P._unfused_chunk(model, rows, quantized) == P.MIN_CHUNK
