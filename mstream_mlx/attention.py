@@ -205,8 +205,9 @@ def stream_attention(q, k, v, cache, scale: float, mask: Mask) -> mx.array:
     A decode row of several streams carries a mask.  MLX's CUDA backend sends an
     array mask to cuDNN, which builds one graph per key length: a new graph every
     step (measured 13-15 steps/s for 3 or 10 streams on an H100, 0.6B).  There, a
-    decode row runs our one-kernel :func:`~mstream_mlx.row_attention.row_attention`,
-    and other masks with few queries :func:`masked_attention`; elsewhere (CPU, Metal,
+    decode row runs :func:`~mstream_mlx.row_attention.row_attention`'s kernel while it
+    is the faster way (``row_attention.fits``), and other masks with few queries, or
+    longer rows, :func:`masked_attention`; elsewhere (CPU, Metal,
     whose fused kernels take masks) everything goes through
     ``mx.fast.scaled_dot_product_attention``.  A quantized cache (``cache.bits``)
     goes through mlx-lm's quantized SDPA.  (Fused SDPA over the whole padded KV
