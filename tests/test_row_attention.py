@@ -72,7 +72,7 @@ def test_kernel_equals_masked_attention(H, Hkv, L, S, D, dtype, unroll):
     # a kernel that let a token see its peers would be caught
     peers = mx.ones_like(mask)
     wrong = masked_attention(q.astype(mx.float32), k.astype(mx.float32), v.astype(mx.float32), scale, peers)
-    if L > 1:
+    if L > 1 and S <= 1100:  # (over more keys a peer's share is below bf16's step)
         assert not mx.allclose(got.astype(mx.float32), wrong, atol=tol).item()
 
 
