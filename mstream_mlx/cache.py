@@ -299,3 +299,26 @@ class KVPolicy:
             )
 
 
+@dataclass(kw_only=True)
+class KVFlags:
+    """The KV-cache flags an app (chat, server) hands every Session it makes, under the
+    CLI's names: ``--kv-bits``, ``--kv-group-size``, ``--quantized-kv-start`` and
+    ``--kv-window`` (Session's ``max_kv_timesteps``).  Checked when the options are
+    built, so a bad flag fails at start, not at the first session."""
+
+    kv_bits: Optional[int] = None
+    kv_group_size: int = 64
+    quantized_kv_start: int = 5000
+    kv_window: Optional[int] = None
+
+    def __post_init__(self):
+        KVPolicy(None, self.kv_bits, self.kv_group_size, self.quantized_kv_start, self.kv_window)
+
+    def session_kwargs(self) -> dict:
+        """These flags as :class:`~mstream_mlx.session.Session` keyword arguments."""
+        return dict(
+            kv_bits=self.kv_bits,
+            kv_group_size=self.kv_group_size,
+            quantized_kv_start=self.quantized_kv_start,
+            max_kv_timesteps=self.kv_window,
+        )

@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 
-from ..cache import KVPolicy
+from ..cache import KVFlags
 from ..events import StepEvent
 from ..heads import head_names
 from ..sample import SamplingSettings
@@ -47,7 +47,7 @@ Cell = Tuple[str, str]
 
 
 @dataclass
-class ChatOptions:
+class ChatOptions(KVFlags):
     """What ``mstream-mlx chat`` was asked for (the CLI flags).
 
     Args:
@@ -62,7 +62,7 @@ class ChatOptions:
         close_after: blocks: seconds the user block stays open for more text.
         heads: the output streams that generate (``None``: the model's; docs/generation.md).
         kv_bits, kv_group_size, quantized_kv_start, kv_window: the session's KV cache
-            bounds (``Session``'s ``max_kv_timesteps`` is ``kv_window``).
+            bounds (:class:`~mstream_mlx.cache.KVFlags`).
         idle_pause: rows: all-silent rows before the clock stops until the user types
             (0 = never; docs/long-sessions.md).
     """
@@ -80,10 +80,6 @@ class ChatOptions:
     system_prompt: Optional[str] = None
     close_after: float = 2.0
     heads: Optional[Sequence[str]] = None
-    kv_bits: Optional[int] = None
-    kv_group_size: int = 64
-    quantized_kv_start: int = 5000
-    kv_window: Optional[int] = None
     idle_pause: int = 0
 
     def __post_init__(self):
@@ -95,7 +91,7 @@ class ChatOptions:
             raise ValueError(f"--max-steps must be >= 1, got {self.max_steps}.")
         if self.idle_pause < 0:
             raise ValueError(f"--idle-pause must be >= 0, got {self.idle_pause}.")
-        KVPolicy(None, self.kv_bits, self.kv_group_size, self.quantized_kv_start, self.kv_window)
+        super().__post_init__()
 
 
 @dataclass(frozen=True)
@@ -159,8 +155,7 @@ def make_session(
     )
     kwargs = dict(
         sampling=sampling, max_tokens=opts.max_tokens, heads=info.outputs,
-        kv_bits=opts.kv_bits, kv_group_size=opts.kv_group_size,
-        quantized_kv_start=opts.quantized_kv_start, max_kv_timesteps=opts.kv_window,
+        **opts.session_kwargs(),
     )
     if info.layout == BLOCKS:
         close = opts.close_after <= 0 if close_user is None else close_user

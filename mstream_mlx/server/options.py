@@ -11,14 +11,14 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
 from mstream_mlx import BlocksOptions, SamplingSettings
-from mstream_mlx.cache import KVPolicy
+from mstream_mlx.cache import KVFlags
 
 LIVE_ROWS_STEPS = 100_000  # rows: a live session has no row limit worth meeting
 SAMPLERS = ("reference", "mlx")
 
 
 @dataclass
-class ServerConfig:
+class ServerConfig(KVFlags):
     """What ``mstream-mlx server`` was asked for; the request-free defaults.
 
     Args:
@@ -43,7 +43,7 @@ class ServerConfig:
         heads: the output streams that generate (``None``: the model's); a request's
             ``"heads"`` (a list of names) overrides it.
         kv_bits, kv_group_size, quantized_kv_start, kv_window: every session's KV
-            cache bounds (``Session``'s; ``kv_window`` is ``max_kv_timesteps``).
+            cache bounds (:class:`~mstream_mlx.cache.KVFlags`).
     """
 
     model: str
@@ -69,10 +69,6 @@ class ServerConfig:
     max_body: int = 1 << 20
     idle_timeout: float = 60.0
     heads: Optional[Sequence[str]] = None
-    kv_bits: Optional[int] = None
-    kv_group_size: int = 64
-    quantized_kv_start: int = 5000
-    kv_window: Optional[int] = None
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
@@ -85,7 +81,7 @@ class ServerConfig:
             raise ValueError(f"--max-sessions must be >= 1, got {self.max_sessions}.")
         if self.max_body < 1:
             raise ValueError(f"--max-body must be >= 1 byte, got {self.max_body}.")
-        KVPolicy(None, self.kv_bits, self.kv_group_size, self.quantized_kv_start, self.kv_window)
+        super().__post_init__()
         # the defaults must make a valid SamplingSettings: fail at start, not per request
         SamplingSettings(
             temp=self.temp, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
@@ -153,8 +149,7 @@ def session_kwargs(
     )
     kwargs = dict(
         sampling=sampling, max_tokens=max_tokens, heads=heads(body, cfg.heads),
-        kv_bits=cfg.kv_bits, kv_group_size=cfg.kv_group_size,
-        quantized_kv_start=cfg.quantized_kv_start, max_kv_timesteps=cfg.kv_window,
+        **cfg.session_kwargs(),
     )
     if blocks:
         kwargs["max_steps"] = cfg.max_steps
