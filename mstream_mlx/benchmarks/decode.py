@@ -331,6 +331,23 @@ def run_rows_session(
     )
 
 
+def _pipelined(
+    launch: Callable[[mx.array, int], mx.array], first: mx.array, rows: int
+) -> List[float]:
+    """The decode loop both bare loops share (ours and mlx-lm's batch-N): step ``t + 1``
+    is launched (``launch(tokens, t)``, evaluated asynchronously) before step ``t``'s
+    tokens are read.  Returns the clock after ``first`` and after each of ``rows`` steps."""
+    first.tolist()
+    times = [time.perf_counter()]
+    cur = launch(first, 0)
+    for t in range(rows):
+        nxt = launch(cur, t + 1) if t + 1 < rows else None
+        cur.tolist()
+        times.append(time.perf_counter())
+        cur = nxt
+    return times
+
+
 def run_model_loop(model, prompt: List[int], heads: int, rows: int) -> Run:
     """The same model without Session: prefill, then ``rows`` steps of ``heads`` tokens
     (forward, argmax, the next step launched before the current one is read)."""
@@ -342,9 +359,9 @@ def run_model_loop(model, prompt: List[int], heads: int, rows: int) -> Run:
         np.array(prompt, np.int32), np.zeros(P, np.int32), np.arange(P, dtype=np.int32)
     )
 
-    def launch(tokens, y):
+    def launch(tokens, t):
         # positions from a host list (the mask is derived from them on the host)
-        out = mx.argmax(step(model, cache, tokens, channels, [y] * heads), axis=-1)
+        out = mx.argmax(step(model, cache, tokens, channels, [P + t] * heads), axis=-1)
         mx.async_eval(out)
         return out
 
@@ -352,15 +369,7 @@ def run_model_loop(model, prompt: List[int], heads: int, rows: int) -> Run:
     start = time.perf_counter()
     with mx.stream(generation_stream):
         first = prefill(model, flat, cache, logits_at=[P - 1])
-        cur = mx.broadcast_to(mx.argmax(first, axis=-1), (heads,))
-        cur.tolist()
-        times = [time.perf_counter()]
-        cur = launch(cur, P)
-        for t in range(rows):
-            nxt = launch(cur, P + 1 + t) if t + 1 < rows else None
-            cur.tolist()
-            times.append(time.perf_counter())
-            cur = nxt
+        times = _pipelined(launch, mx.broadcast_to(mx.argmax(first, axis=-1), (heads,)), rows)
     return Run(
         P,
         times[0] - start,
@@ -379,23 +388,16 @@ def run_mlx_lm_batch(lm, prompt: List[int], batch: int, rows: int) -> Run:
 
     cache = make_prompt_cache(lm)
 
-    def step(tokens):
+    def launch(tokens, t):
         out = mx.argmax(lm(tokens[:, None], cache=cache)[:, -1], axis=-1)
         mx.async_eval(out)
         return out
 
     with mx.stream(generation_stream):
         logits = lm(mx.array([prompt] * batch), cache=cache)[:, -1]
-        cur = mx.argmax(logits, axis=-1)
+        first = mx.argmax(logits, axis=-1)
         _fresh()
-        cur.tolist()
-        times = [time.perf_counter()]
-        cur = step(cur)
-        for t in range(rows):
-            nxt = step(cur) if t + 1 < rows else None
-            cur.tolist()
-            times.append(time.perf_counter())
-            cur = nxt
+        times = _pipelined(launch, first, rows)
     return Run(
         len(prompt),
         0.0,
