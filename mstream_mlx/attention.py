@@ -113,6 +113,8 @@ class FusedRotation:
             offset=self.offsets,
             freqs=r.freqs,
         )
+        if L == 1:  # one token per sequence: [B, H, 1, D] already, no node more
+            return out
         return out.reshape(B, L, H, D).transpose(0, 2, 1, 3)
 
 

@@ -31,8 +31,9 @@ def test_probes_import(name):
 
 def test_ablation_switches_take_effect_and_undo():
     ab = load("ablations")
-    ab.variant("oldrope,oldys,oldmask,nokernel")
+    ab.variant("oldrope,oldys,oldmask,nokernel,oldturn")
     try:
+        assert attention.FusedRotation.__call__ is ab.rotate_then_reshape
         assert base.push_positions is ab.push_with_device_ys
         assert base.kernel_mask(mx.array([True]), mx.float32).dtype == mx.bool_
         assert row_attention.fits(mx.zeros((1, 32, 2, 128)), mx.zeros((1, 8, 9, 128))) is False
@@ -42,6 +43,7 @@ def test_ablation_switches_take_effect_and_undo():
         ab.variant("new")
     assert base.push_positions is ab.ORIGINAL["push"]
     assert row_attention.fits is ab.ORIGINAL["fits"]
+    assert attention.FusedRotation.__call__ is ab.ORIGINAL["turn"]
 
 
 def test_ablation_check_runs():
@@ -51,6 +53,8 @@ def test_ablation_check_runs():
         cwd=root, capture_output=True, text=True, timeout=300,
     )
     assert out.returncode == 0, out.stderr
-    line = [l for l in out.stdout.splitlines() if l.startswith("check:")][0]
-    diffs = [float(x) for x in line.split() if x[0].isdigit()]
-    assert len(diffs) == 3 and max(diffs) < 1e-4, line
+    lines = [l for l in out.stdout.splitlines() if l.startswith("check ")]
+    assert len(lines) == 2, out.stdout  # two variants against the shipped code
+    for line in lines:
+        diffs = [float(x) for x in line.split() if x[0].isdigit()]
+        assert len(diffs) == 3 and max(diffs) < 1e-4, line

@@ -27,15 +27,16 @@ SCALINGS = [
 
 @pytest.mark.parametrize("scaling", SCALINGS)
 @pytest.mark.parametrize("dims", [32, 16])  # whole head, and partial RoPE
-def test_fused_rotation_equals_the_tables(scaling, dims):
+@pytest.mark.parametrize("B, L", [(2, 7), (1, 7), (3, 1), (1, 1)])  # L == 1: its own path
+def test_fused_rotation_equals_the_tables(scaling, dims, B, L):
     rope = StreamRoPE(dims, 10000.0, scaling)
     rng = np.random.default_rng(0)
     # y out of order and repeated across streams, as in a rows prompt
-    positions = mx.array(rng.integers(0, 300, size=(2, 7)), dtype=mx.int32)
-    x = mx.array(rng.normal(size=(2, 7, 3, 32)), dtype=mx.float32)
+    positions = mx.array(rng.integers(0, 300, size=(B, L)), dtype=mx.int32)
+    x = mx.array(rng.normal(size=(B, L, 3, 32)), dtype=mx.float32)
     fused = rope.at(positions, mx.float32, fused=True)(x)
     table = rope.at(positions, mx.float32, fused=False)(x)
-    assert fused.shape == (2, 3, 7, 32)
+    assert fused.shape == (B, 3, L, 32)
     assert mx.allclose(fused, table, atol=2e-5).item()
     # a wrong offset (positions shifted by one) is caught
     off = rope.at(positions + 1, mx.float32, fused=True)(x)

@@ -8,7 +8,8 @@ Variants (comma-joined names switch several back): ``oldrope`` (cos/sin tables i
 ``mx.fast.rope``), ``oldys`` (also write each step's ``y`` into a device array and
 ``async_eval`` it, as the cache did before), ``oldmask`` (a boolean mask for cuDNN instead
 of the additive one), ``nokernel`` (a decode row through the plain ops instead of the row
-kernel).  ``decode`` times the bare model loop against mlx-lm's batch-N loop, rounds
+kernel), ``oldturn`` (the fused rotation back to ``[B, H, L, D]`` by a reshape and a
+transpose whatever the shape, two graph nodes more per call for one token per sequence).  ``decode`` times the bare model loop against mlx-lm's batch-N loop, rounds
 alternating; ``prefill`` a 10-stream rows prompt against mlx-lm's prompt; ``check``
 compares the logits and a training gradient of the variants.  docs/benchmarks.md has the
 numbers.
@@ -33,7 +34,17 @@ ORIGINAL = {
     "push": cache.push_positions,
     "kernel_mask": attention.kernel_mask,
     "fits": row_attention.fits,
+    "turn": attention.FusedRotation.__call__,
 }
+
+
+def rotate_then_reshape(self, x):
+    """The fused rotation as it was: always reshape and transpose back."""
+    B, L, H, D = x.shape
+    r = self.rope
+    out = mx.fast.rope(x.reshape(B * L, H, 1, D), r.dims, traditional=False, base=r.base,
+                       scale=r.scale, offset=self.offsets, freqs=r.freqs)
+    return out.reshape(B, L, H, D).transpose(0, 2, 1, 3)
 
 
 def push_with_device_ys(caches, positions):
@@ -64,6 +75,7 @@ def variant(name: str):
     base.push_positions = push_with_device_ys if "oldys" in old else ORIGINAL["push"]
     base.kernel_mask = (lambda m, d: m) if "oldmask" in old else ORIGINAL["kernel_mask"]
     row_attention.fits = (lambda q, k: False) if "nokernel" in old else ORIGINAL["fits"]
+    attention.FusedRotation.__call__ = rotate_then_reshape if "oldturn" in old else ORIGINAL["turn"]
 
 
 def check():
@@ -71,7 +83,7 @@ def check():
     bench.set_heads(model, 8)
     flat = rows_to_flat(np.random.default_rng(0).integers(10, 2000, size=(40, 10)))
     out = {}
-    for v in ("new", "oldrope,oldmask,nokernel"):
+    for v in ("new", "oldrope,oldmask,nokernel", "oldturn"):
         variant(v)
         c = model.make_cache()
         lg = prefill.prefill(model, flat, c, logits_at=list(range(0, 400, 37)), step=64)
@@ -86,14 +98,15 @@ def check():
         _, grads = nn.value_and_grad(model, loss)(model)
         out[v] = (lg, row, tree_flatten(grads)[5][1])
     variant("new")
-    a, b = out.values()
-    print("check: max |d| prefill", mx.abs(a[0] - b[0]).max().item(), "decode row",
-          mx.abs(a[1] - b[1]).max().item(), "gradient", mx.abs(a[2] - b[2]).max().item())
+    a = out.pop("new")
+    for v, b in out.items():
+        print(f"check {v}: max |d| prefill", mx.abs(a[0] - b[0]).max().item(), "decode row",
+              mx.abs(a[1] - b[1]).max().item(), "gradient", mx.abs(a[2] - b[2]).max().item())
 
 
 def decode(model, lm, prompt, rounds=3):
     for N in (1, 2, 4, 10):
-        names = ["new", "oldrope", "oldys", "oldrope,oldys"] if N == 1 else ["new", "nokernel"]
+        names = ["new", "oldturn", "oldrope", "oldys"] if N == 1 else ["new", "oldturn", "nokernel"]
         res = {}
         for r in range(rounds + 1):  # round 0 warms up
             for v in names + ["mlx-lm"]:
