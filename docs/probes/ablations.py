@@ -18,6 +18,7 @@ numbers.
 import statistics
 import sys
 import time
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -105,20 +106,18 @@ def check():
 
 
 def decode(model, lm, prompt, rounds=3):
+    def loop_with(v, N):
+        variant(v)
+        return bench.run_model_loop(model, prompt, N, 64)
+
     for N in (1, 2, 4, 10):
         names = ["new", "oldturn", "oldrope", "oldys"] if N == 1 else ["new", "oldturn", "nokernel"]
-        res = {}
-        for r in range(rounds + 1):  # round 0 warms up
-            for v in names + ["mlx-lm"]:
-                if v == "mlx-lm":
-                    run = bench.run_mlx_lm_batch(lm, prompt, N, 64)
-                else:
-                    variant(v)
-                    run = bench.run_model_loop(model, prompt, N, 64)
-                if r:
-                    res.setdefault(v, []).append(run.timesteps_per_sec)
+        fns = {v: partial(loop_with, v, N) for v in names}
+        fns["mlx-lm"] = partial(bench.run_mlx_lm_batch, lm, prompt, N, 64)
+        runs = bench.interleaved(fns, rounds, warm=list(fns))
         variant("new")
-        print(f"N={N} loop steps/s", {k: round(statistics.median(x), 1) for k, x in res.items()})
+        print(f"N={N} loop steps/s",
+              {k: round(statistics.median(r.timesteps_per_sec for r in x), 1) for k, x in runs.items()})
 
 
 def prefill_rows(model, lm, weights_gb, rng):

@@ -9,6 +9,7 @@ On a host-bound step, removing work that the GPU hides does not shorten the step
 """
 
 import statistics
+from functools import partial
 
 import mlx.core as mx
 import numpy as np
@@ -34,19 +35,17 @@ def main():
         )
         type(model).lm_logits = (lambda self, h: h[..., :64]) if piece == "head" else head
 
+    def loop_without(piece, N):
+        without(piece)
+        return bench.run_model_loop(model, prompt, N, 64)
+
     for N in (1, 10):
-        res = {}
-        for r in range(4):  # round 0 warms up
-            for piece in ("nothing", "attention", "rotation", "head", "mlx-lm"):
-                if piece == "mlx-lm":
-                    run = bench.run_mlx_lm_batch(lm, prompt, N, 64)
-                else:
-                    without(piece)
-                    run = bench.run_model_loop(model, prompt, N, 64)
-                if r:
-                    res.setdefault(piece, []).append(1e3 / run.timesteps_per_sec)
+        fns = {p: partial(loop_without, p, N) for p in ("nothing", "attention", "rotation", "head")}
+        fns["mlx-lm"] = partial(bench.run_mlx_lm_batch, lm, prompt, N, 64)
+        runs = bench.interleaved(fns, 3, warm=list(fns))
         without("nothing")
-        print(f"N={N} ms per step without", {k: round(statistics.median(v), 2) for k, v in res.items()})
+        print(f"N={N} ms per step without",
+              {k: round(statistics.median(1e3 / r.timesteps_per_sec for r in v), 2) for k, v in runs.items()})
 
 
 if __name__ == "__main__":

@@ -450,7 +450,7 @@ def _summary(runs: List[Run]) -> Dict:
     }
 
 
-def _interleaved(
+def interleaved(
     fns: Dict[str, Callable[[], Run]], repeats: int, warm: Sequence[str] = ()
 ) -> Dict[str, List[Run]]:
     """``repeats`` rounds, each running every function once in turn, so that a busy
@@ -554,7 +554,7 @@ def run_bench(
             "mlx_lm_batch": lambda: run_mlx_lm_batch(lm, prompt, n, opts.rows),
         }
         warm = [k for k in fns if k != "mlx_lm" or i == 0] if opts.warmup else []
-        runs = _interleaved(fns, opts.repeats, warm)
+        runs = interleaved(fns, opts.repeats, warm)
         baseline += runs["mlx_lm"]
         ses, base = runs["session"], runs["mlx_lm"]
         entry = {"n": n, **{k: _summary(v) for k, v in runs.items()}}
@@ -590,7 +590,7 @@ def run_bench(
         "session": lambda: run_rows_session(model, tokenizer, prompt, C, opts.rows),
         "mlx_lm_batch": lambda: run_mlx_lm_batch(lm, prompt, C, opts.rows),
     }
-    runs = _interleaved(fns, opts.repeats, list(fns) if opts.warmup else [])
+    runs = interleaved(fns, opts.repeats, list(fns) if opts.warmup else [])
     report["rows_decode"] = {"channels": C, **{k: _summary(v) for k, v in runs.items()}}
     report["rows_decode"]["timesteps_vs_mlx_lm_batch"] = paired_ratio(
         runs["session"], runs["mlx_lm_batch"], "timesteps_per_sec"
@@ -611,7 +611,7 @@ def run_bench(
             "ours": lambda: prefill_ours(model, single),
             "ours_rows": lambda: prefill_ours(model, multi),
         }
-        runs = _interleaved(fns, opts.repeats, list(fns) if opts.warmup else [])
+        runs = interleaved(fns, opts.repeats, list(fns) if opts.warmup else [])
         entry = {"tokens": P, **{k: _summary(v) for k, v in runs.items()}}
         entry["ratio"] = paired_ratio(runs["ours"], runs["mlx_lm"], "prefill_tps")
         entry["rows_ratio"] = paired_ratio(
